@@ -22,11 +22,13 @@ __all__ = [
     "UnknownKey",
     "KeyServiceError",
     "CONTENT_TYPE",
+    "stats",
 ]
 
 if TYPE_CHECKING:
     from .codec import EnvelopeCodec
     from .errors import ConfigurationError, EnvelopeError, InvalidEnvelope, KeyServiceError, UnknownKey
+    from .counters import stats
     from .serializer import CONTENT_TYPE
 
 _LAZY = {
@@ -37,6 +39,7 @@ _LAZY = {
     "UnknownKey": "kombu_envelope.errors",
     "KeyServiceError": "kombu_envelope.errors",
     "CONTENT_TYPE": "kombu_envelope.serializer",
+    "stats": "kombu_envelope.counters",
 }
 
 

@@ -9,7 +9,7 @@ the key service named by the header's fingerprint on a miss), decrypt, parse.
 from __future__ import annotations
 
 import hashlib
-import time
+from time import monotonic as _monotonic
 from typing import Any, Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +23,8 @@ from .settings import EnvelopeSettings
 
 __all__ = ["EnvelopeCodec"]
 
+#: Bodies from this size on are decrypted from a memoryview (below it, the view costs more than the copy).
+_VIEW_FROM = 8192
 _AUTH_FAILED = "authentication failed: the ciphertext, tag, nonce or header was altered, or it was sealed under another data key"
 
 
@@ -67,6 +69,8 @@ class EnvelopeCodec:
         ).digest()[:16]
         # Decryption fast path: header bytes -> (cipher, expiry), for headers this codec has verified.
         self._ciphers: dict[bytes, tuple[AESGCM, float]] = {}
+        # The last of them used: (header, cipher, expiry); the empty header has expired.
+        self._recent: tuple[bytes, AESGCM | None, float] = (b"", None, float("-inf"))
 
     @classmethod
     def from_settings(cls, settings: EnvelopeSettings, cache: DataKeyCache | None = None) -> EnvelopeCodec:
@@ -131,37 +135,47 @@ class EnvelopeCodec:
         """Authenticate, decrypt and deserialize one message body. Raises InvalidEnvelope or KeyServiceError."""
         if type(data) is not bytes:
             data = _as_bytes(data)
-        end = wire.header_size(data)
-        header = data[:end]
-        entry = self._ciphers.get(header)
-        if entry is None or entry[1] < time.monotonic():
-            parsed = wire.parse_header(data)
-            if parsed.algorithm == wire.ALG_DIRECT:
-                plaintext = self._decrypt_direct(parsed)
-                if parsed.compression:
-                    plaintext = payload.decompress(parsed.compression, plaintext)
-                return payload.loads(plaintext)
-            cipher = self._verified_cipher(header, parsed)
-        else:
-            cipher = entry[0]
+        # Fast path: the header of the previous message. A header's length is
+        # fixed by its own bytes, so a body that starts with a whole header
+        # verified before carries exactly that header.
+        header, cipher, expiry = self._recent
+        if not data.startswith(header) or expiry < _monotonic():
+            header = data[: wire.header_size(data)]
+            entry = self._ciphers.get(header)
+            if entry is None or entry[1] < _monotonic():
+                parsed = wire.parse_header(data)
+                if parsed.algorithm == wire.ALG_DIRECT:
+                    plaintext = self._decrypt_direct(parsed)
+                    if parsed.compression:
+                        plaintext = payload.decompress(parsed.compression, plaintext)
+                    return payload.loads(plaintext)
+                entry = self._verified_cipher(header, parsed)
+            cipher, expiry = entry
+            self._recent = (header, cipher, expiry)
+        end = len(header)
+        if len(data) - end < wire.NONCE_SIZE + wire.TAG_SIZE:
+            raise InvalidEnvelope("truncated ciphertext")
+        # A view instead of a copy of a large ciphertext: copying 256 KiB cost 135 us here, decrypting it 28 us.
+        ciphertext = data[end + wire.NONCE_SIZE :] if len(data) < _VIEW_FROM else memoryview(data)[end + wire.NONCE_SIZE :]
         try:
-            plaintext = cipher.decrypt(data[end : end + wire.NONCE_SIZE], data[end + wire.NONCE_SIZE :], header)
+            plaintext = cipher.decrypt(data[end : end + wire.NONCE_SIZE], ciphertext, header)
         except InvalidTag:
             raise InvalidEnvelope(_AUTH_FAILED) from None
+        self._cache.count_decrypted(len(plaintext))
         compression_id = data[2] & wire.COMPRESSION_MASK
         if compression_id:  # a valid id: the header was parsed before its cipher was cached
             plaintext = payload.decompress(wire.COMPRESSION_NAMES[compression_id >> wire.COMPRESSION_SHIFT], plaintext)
         return payload.loads(plaintext)
 
-    def _verified_cipher(self, header: bytes, parsed: wire.Header) -> AESGCM:
+    def _verified_cipher(self, header: bytes, parsed: wire.Header) -> tuple[AESGCM, float]:
+        """The cipher of a header seen for the first time (context checked, key unwrapped) and its expiry."""
         self._check_context(parsed)
         data_key = self._cache.unwrapped_key(header, self._limits, lambda: self._unwrap(parsed))
-        cipher = AESGCM(data_key)
         ciphers = self._ciphers
         while len(ciphers) >= self._limits.decrypt_capacity:
             ciphers.pop(next(iter(ciphers)))
-        ciphers[header] = (cipher, time.monotonic() + self._limits.decrypt_ttl)
-        return cipher
+        entry = ciphers[header] = (AESGCM(data_key), _monotonic() + self._limits.decrypt_ttl)
+        return entry
 
     def _check_context(self, parsed: wire.Header) -> None:
         if (parsed.context or None) != self._context:

@@ -59,6 +59,15 @@ class KeyServiceError(EnvelopeError):
         self.reason = reason
         self.transient = transient
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # A prefork pool child sends its decode error to the worker by pickle;
+        # the default (cls(*args)) would fail there and lose the message.
+        return (_rebuild_key_service_error, (type(self), self.key_uri, self.reason, self.transient))
+
+
+def _rebuild_key_service_error(cls: type[KeyServiceError], key_uri: str, reason: str, transient: bool) -> KeyServiceError:
+    return cls(key_uri, reason, transient=transient)
+
 
 def is_transient(exc: BaseException) -> bool:
     """True if ``exc`` (or the error it wraps, as Kombu's DecodeError does) is worth retrying."""

@@ -20,7 +20,7 @@ import importlib.machinery
 import sys
 import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["REDACTED", "install_when_celery_loads", "install"]
 
@@ -29,24 +29,31 @@ __all__ = ["REDACTED", "install_when_celery_loads", "install"]
 REDACTED = "'<encrypted>'"
 
 _WATCHED = "celery.app.amqp"
+# Remote-control commands are registered here; ``celery inspect`` checks names against it in the client too.
+_CONTROL = "celery.worker.control"
 _installed = False
 _install_lock = threading.Lock()
 
 
 def install_when_celery_loads() -> None:
-    """Install the hooks now if Celery is loaded, else right after ``celery.app.amqp`` loads."""
-    module = sys.modules.get(_WATCHED)
-    if module is not None and hasattr(module, "AMQP"):
-        install()
-    elif not any(isinstance(f, _CeleryImportWatcher) for f in sys.meta_path):
-        sys.meta_path.insert(0, _CeleryImportWatcher())
+    """Install the hooks now if Celery is loaded, else right after ``celery.app.amqp`` (and ``celery.worker.control``) load."""
+    for name, ready, hook in ((_WATCHED, "AMQP", install), (_CONTROL, "inspect_command", _register_inspect_command)):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, ready):
+            hook()
+        elif not any(isinstance(f, _CeleryImportWatcher) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _CeleryImportWatcher(name, hook))
 
 
 class _CeleryImportWatcher(importlib.abc.MetaPathFinder):
-    """Runs ``install()`` once ``celery.app.amqp`` has executed; finds nothing itself."""
+    """Runs ``hook()`` once module ``name`` has executed; finds nothing itself."""
+
+    def __init__(self, name: str, hook: Callable[[], None]) -> None:
+        self.name = name
+        self.hook = hook
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _WATCHED:
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -55,11 +62,11 @@ class _CeleryImportWatcher(importlib.abc.MetaPathFinder):
         loader = spec.loader
         exec_module = loader.exec_module
 
-        def exec_then_install(module: ModuleType) -> None:
+        def exec_then_hook(module: ModuleType) -> None:
             exec_module(module)
-            install()
+            self.hook()
 
-        loader.exec_module = exec_then_install  # type: ignore[method-assign]
+        loader.exec_module = exec_then_hook  # type: ignore[method-assign]
         return spec
 
 
@@ -76,6 +83,18 @@ def install() -> None:
     _wrap_as_task_v2(amqp.AMQP)
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_process_init.connect(_on_worker_init, weak=False)
+    from .metrics import connect_worker_signals
+
+    connect_worker_signals()  # plaintext-task counter (migration), summary log line, Prometheus
+
+
+def _register_inspect_command() -> None:
+    """``celery inspect envelope_stats``: each worker answers with kombu_envelope.stats()."""
+    from .counters import register_inspect_command
+    from .metrics import register_inspect_command as register_received_command
+
+    register_inspect_command()
+    register_received_command()  # celery inspect envelope_received
 
 
 def _settings(app: Any) -> Any:

@@ -85,3 +85,9 @@ register_args = (encode, decode, CONTENT_TYPE, CONTENT_ENCODING)
 from .integration import install_when_celery_loads  # noqa: E402  (stdlib-only module)
 
 install_when_celery_loads()
+
+# Map the host-wide data-key cache now, before Celery's pool (or any pre-fork
+# server) forks, so every child shares it. Stdlib only: no key material yet.
+from .cache import default_cache  # noqa: E402
+
+default_cache()

@@ -95,6 +95,15 @@ def _optional_name(setting: str, value: Any) -> str | None:
     return value
 
 
+def _listen_address(setting: str, value: Any) -> str | None:
+    if value in (None, "", False) or str(value).lower() in ("none", "false", "off"):
+        return None
+    host, _, port = str(value).rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{setting} must be a port or HOST:PORT, e.g. 9808 or 127.0.0.1:9808; got {value!r}")
+    return str(value)
+
+
 # setting -> (parser, default, one line of documentation)
 SETTINGS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
     "envelope_key_uri": (_uri_list, (), "Key URI(s) that wrap new data keys; several = multi-wrap (any one decrypts). Required to encrypt."),
@@ -109,6 +118,8 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
     "envelope_decrypt_cache_size": (_number(int, 1), KeyLimits.decrypt_capacity, "Unwrapped data keys kept for decryption."),
     "envelope_redact_headers": (_boolean, True, "Replace argsrepr/kwargsrepr (headers, events, logs) and result reprs with a placeholder."),
     "envelope_dead_letter_queue": (_optional_name, "envelope.dead-letter", "Queue that keeps refused messages for inspection; None to drop them."),
+    "envelope_stats_log_interval": (_number(float, 0), 300.0, "Seconds between the workers' one-line INFO summary of the counters; 0 turns it off."),
+    "envelope_metrics_listen": (_listen_address, None, "PORT or HOST:PORT where workers serve Prometheus metrics (needs prometheus-client); PORT alone listens on all interfaces."),
 }
 
 
@@ -124,6 +135,8 @@ class EnvelopeSettings:
     limits: KeyLimits = field(default_factory=KeyLimits)
     redact_headers: bool = True
     dead_letter_queue: str | None = "envelope.dead-letter"
+    stats_log_interval: float = 300.0
+    metrics_listen: str | None = None
 
 
 def load_settings(config: Mapping[str, Any] | Any | None = None, environ: Mapping[str, str] | None = None) -> EnvelopeSettings:
@@ -150,4 +163,6 @@ def load_settings(config: Mapping[str, Any] | Any | None = None, environ: Mappin
         ),
         redact_headers=values["envelope_redact_headers"],
         dead_letter_queue=values["envelope_dead_letter_queue"],
+        stats_log_interval=values["envelope_stats_log_interval"],
+        metrics_listen=values["envelope_metrics_listen"],
     )

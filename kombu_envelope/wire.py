@@ -177,7 +177,7 @@ def parse_header(data: bytes) -> Header:
 def _parse_context(raw: bytes) -> dict[str, str]:
     try:
         context = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         raise InvalidEnvelope("malformed encryption context") from None
     if (
         not isinstance(context, dict)
