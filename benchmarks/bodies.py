@@ -38,7 +38,7 @@ _CITIES = ("Lisbon", "Berlin", "Osaka", "Toronto", "Nairobi", "Lima", "Oslo", "A
 
 
 def celery_body(size: int, typed: bool = False, seed: int = 7) -> Body:
-    """A body whose Kombu json encoding is exactly ``size`` bytes (at least the smallest body, about 190 B)."""
+    """A body whose Kombu json encoding is exactly ``size`` bytes (from 147 B; typed bodies from 315 B)."""
     rng = random.Random(seed)
     args: list[Any] = [rng.randrange(10**6, 10**7), f"order-{rng.getrandbits(32):08x}", 19.99, True]
     kwargs: dict[str, Any] = {"customer_id": rng.randrange(10**5), "note": ""}

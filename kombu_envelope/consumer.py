@@ -11,15 +11,19 @@ subclass sorts every such failure into one of two kinds:
 
 * Wait: the key service is unreachable, throttled, answered 5xx or timed out
   (``errors.is_transient``), or the worker's own configuration is broken. The
-  message stays unacknowledged in this worker. Messages under the same data
-  key join it without calling the key service; after a delay that doubles per
-  failed attempt (``retry_initial_delay`` up to ``retry_max_delay``) one of
-  them probes again, and when it decodes they all run. The prefetch window is
-  widened for waiting messages (up to ``widen_prefetch_limit``), so messages
-  whose data keys are cached keep flowing; past the limit the window fills and
-  the consumer pauses by itself. A message held longer than ``max_hold``
-  (and never longer than half the broker's ``visibility_timeout``) is handed
-  back to the broker with a requeue, so no broker redelivers it behind our back.
+  message stays unacknowledged in this worker. The first message under a
+  data key the worker has not decrypted lately is decrypted in a thread (a
+  probe), so a slow or unreachable key service never blocks the worker's
+  event loop; messages under the same data key wait for the probe without
+  calling the key service. While the service is down the probe is repeated
+  after a delay that doubles per failed attempt (``retry_initial_delay`` up
+  to ``retry_max_delay``); when it decrypts, they all run. The prefetch window
+  is widened for waiting messages (up to ``widen_prefetch_limit``), so
+  messages whose data keys are cached keep flowing; past the limit the window
+  fills and the consumer pauses by itself. A message held longer than
+  ``max_hold`` (and never longer than half the broker's
+  ``visibility_timeout``) is handed back to the broker with a requeue, so no
+  broker redelivers it behind our back.
 * Refuse: tampered or truncated envelope, unknown key, wrong encryption
   context, unsupported version, a key service refusing for good, a content
   type outside ``accept_content``. One log line names the task id and the
@@ -124,10 +128,14 @@ class EnvelopeConsumer(Consumer):
     max_hold: ClassVar[float] = 300.0
     #: Waiting messages that get a prefetch slot of their own; beyond this the consumer pauses.
     widen_prefetch_limit: ClassVar[int] = 1000
+    #: Data keys remembered as decryptable (for at most ``envelope_decrypt_cache_ttl``).
+    known_keys_limit: ClassVar[int] = 4096
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.envelope_counts: Counter[str] = Counter()
         self._waiting: dict[bytes, _Waiting] = {}
+        # Headers whose data key decrypted here lately -> until when that is trusted.
+        self._known: dict[bytes, float] = {}
         # key -> (attempts, when released): a key failing again soon after (a pool
         # child failed, or the service flaps) continues its backoff instead of restarting it.
         self._released: dict[bytes, tuple[int, float]] = {}
@@ -196,37 +204,62 @@ class EnvelopeConsumer(Consumer):
     # -- receiving -------------------------------------------------------
 
     def _dispatch(self, message: Any, honour_retry_at: bool = False) -> Any:
-        """Hand ``message`` to Celery, unless its data key is known to be waiting or it is not due yet."""
-        if self._waiting and self._join_waiting(message):
-            return None
+        """Hand ``message`` to Celery, unless it must wait: not due yet, or its data key not known to decrypt.
+
+        The first message under a data key this worker has not decrypted
+        lately is decoded in a thread (a probe), so a slow or unreachable key
+        service never blocks the worker's event loop; messages under the same
+        key wait for that probe without calling the key service.
+        """
         if honour_retry_at:
             headers = message.headers
             if isinstance(headers, dict) and RETRY_AT_HEADER in headers and self._hold_until(message, headers[RETRY_AT_HEADER]):
                 return None
+        key = _data_key_id(message)
+        if key != _NOT_AN_ENVELOPE or self._waiting:
+            with self._lock:
+                waiting = self._waiting.get(key)
+                if waiting is not None:
+                    waiting.held.append(self._hold(message))
+                    return None
+                if key != _NOT_AN_ENVELOPE and not self._is_known(key) and self._decrypt_ttl() > 0:
+                    waiting = self._waiting[key] = _Waiting(0, deque([self._hold(message)]))
+                    self._start_probe(key, waiting)
+                    return None
         assert self._celery_handler is not None
         return self._celery_handler(message)
 
-    def _dispatch_released(self, message: Any) -> None:
-        """Dispatch a message this worker held; called by a timer, so it must not raise and strand the others."""
+    def _dispatch_released(self, handler: Callable[[Any], Any], message: Any) -> None:
+        """Hand a held message to ``handler``; called by a timer, so it must not raise and strand the others."""
         try:
-            self._dispatch(message)
+            handler(message)
         except Exception:  # Celery's handler logs its own errors; this is the last resort
             logger.exception("kombu-envelope: handling a released message failed; it stays unacknowledged")
 
-    def _join_waiting(self, message: Any) -> bool:
-        key = _data_key_id(message)
-        with self._lock:
-            waiting = self._waiting.get(key)
-            if waiting is None:
-                return False
-            waiting.held.append(self._hold(message))
-        return True
+    def _is_known(self, key: bytes) -> bool:
+        until = self._known.get(key)
+        return until is not None and until > time.monotonic()
+
+    def _remember(self, key: bytes) -> None:
+        known = self._known
+        while len(known) >= self.known_keys_limit:
+            known.pop(next(iter(known)))
+        # A margin, so Celery's decode still finds the key in the codec's cache.
+        known[key] = time.monotonic() + 0.9 * self._decrypt_ttl()
+
+    def _decrypt_ttl(self) -> float:
+        """How long a decrypted data key stays cached (``envelope_decrypt_cache_ttl``); 0 if unknown."""
+        try:
+            return float(codec_for_app(self.app)[1].limits.decrypt_ttl)
+        except ConfigurationError:
+            return 0.0
 
     # -- waiting ---------------------------------------------------------
 
     def _wait(self, message: Any, key: bytes, exc: BaseException | str) -> None:
         """Keep ``message`` unacknowledged; try its data key again after a backoff delay."""
         with self._lock:
+            self._known.pop(key, None)
             waiting = self._waiting.get(key)
             if waiting is not None:  # another message of this data key already failed
                 waiting.held.append(self._hold(message))
@@ -252,23 +285,25 @@ class EnvelopeConsumer(Consumer):
         )
 
     def _retry(self, key: bytes) -> None:
-        """Timer: decode one waiting message of ``key`` in a thread, so a slow key service never blocks the worker."""
+        """Timer: probe the data key again (messages whose dead-lettering failed go back to Celery's path)."""
         with self._lock:
             waiting = self._waiting.get(key)
             if waiting is None:
                 return
             waiting.held = self._give_back_expired(waiting.held)
-            retry_in_celery = not waiting.held or key == _DEAD_LETTER_PENDING
-            if retry_in_celery:  # nothing left, or messages whose dead-lettering failed: Celery's path tries again
+            retry_in_celery = not waiting.held or key in (_NOT_AN_ENVELOPE, _DEAD_LETTER_PENDING)
+            if retry_in_celery:
                 del self._waiting[key]
             else:
-                waiting.probe = threading.Thread(
-                    target=_probe, args=(waiting, waiting.held[0].message), name="kombu-envelope-probe", daemon=True
-                )
+                self._start_probe(key, waiting)
         if retry_in_celery:
             self._release(waiting.held)
-            return
-        assert waiting.probe is not None
+
+    def _start_probe(self, key: bytes, waiting: _Waiting) -> None:
+        """Decode the first waiting message of ``key`` in a thread; ``_probe_finished`` polls it from the timer."""
+        waiting.probe = threading.Thread(
+            target=_probe, args=(waiting, waiting.held[0].message), name="kombu-envelope-probe", daemon=True
+        )
         waiting.probe.start()
         self.timer.call_after(_PROBE_POLL, self._probe_finished, (key, waiting))
 
@@ -289,26 +324,32 @@ class EnvelopeConsumer(Consumer):
                 message = waiting.held[0].message
             else:
                 del self._waiting[key]
+                if error is None:
+                    self._remember(key)
                 now = time.monotonic()
                 for old in [k for k, (_, at) in self._released.items() if now - at > self.retry_max_delay]:
                     del self._released[old]
-                self._released[key] = (waiting.attempts, now)
+                if waiting.attempts:
+                    self._released[key] = (waiting.attempts, now)
         if still_down:
             assert error is not None
             self._log_wait(message, key, error, delay, waiting.attempts)
             return
-        logger.info(
-            "kombu-envelope: data key %s is usable again after %d failed attempt(s); releasing %d waiting message(s)",
-            _key_label(key), waiting.attempts, len(waiting.held),
-        )
-        self._release(waiting.held)
+        if waiting.attempts:
+            logger.info(
+                "kombu-envelope: data key %s is usable again after %d failed attempt(s); releasing %d waiting message(s)",
+                _key_label(key), waiting.attempts, len(waiting.held),
+            )
+        self._release(waiting.held)  # a refused probe is refused again, with its reason, on Celery's path
 
     def _release(self, held: Iterable[_Held]) -> None:
-        """Give held messages to Celery (the probe's decoded body is cached on its message)."""
+        """Give held messages to Celery itself: a probe's body is decoded already, the others' keys are cached
+        (or they fail on Celery's path and are sorted there: refused, or waiting again)."""
+        assert self._celery_handler is not None
         for item in list(held):
             with self._lock:
                 self._unhold(item)
-            self._dispatch_released(item.message)
+            self._dispatch_released(self._celery_handler, item.message)
 
     def _give_back_expired(self, held: deque[_Held]) -> deque[_Held]:
         """Requeue messages held for too long (a broker could redeliver them elsewhere); return the rest."""
@@ -347,7 +388,7 @@ class EnvelopeConsumer(Consumer):
             if self._delayed.pop(id(held), None) is None:
                 return
             self._unhold(held)
-        self._dispatch_released(held.message)
+        self._dispatch_released(self._dispatch, held.message)
 
     def _hold(self, message: Any) -> _Held:
         widened = self._widened < self.widen_prefetch_limit

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import threading
 import zlib
 from typing import Any, Callable
 
@@ -90,28 +91,54 @@ def compressor(name: str | None) -> Callable[[bytes], bytes] | None:
     if name == "zlib":
         return lambda data: zlib.compress(data, 6)
     if name == "zstd":
-        zstd = _import_zstd()
-        return zstd.ZstdCompressor(level=3).compress
+        _import_zstd()  # a missing package is a configuration error now, not on the first message
+        return lambda data: _zstd_context().compressor.compress(data)
     raise ConfigurationError(f"envelope_compression: {name!r} is not one of 'zstd', 'zlib' or None")
 
 
 def decompress(name: str, data: bytes) -> bytes:
     """Decompress a payload, refusing output beyond MAX_DECOMPRESSED_SIZE."""
-    zstd = _import_zstd() if name == "zstd" else None
     try:
-        if zstd is None:
+        if name == "zlib":
             d = zlib.decompressobj()
             out = d.decompress(data, MAX_DECOMPRESSED_SIZE)
             complete = d.eof and not d.unconsumed_tail
         else:
-            with zstd.ZstdDecompressor().stream_reader(data) as reader:
-                out = reader.read(MAX_DECOMPRESSED_SIZE + 1)
-            complete = len(out) <= MAX_DECOMPRESSED_SIZE
+            context = _zstd_context()
+            declared = context.zstd.frame_content_size(data)  # our frames record it; -1 when a frame does not
+            if 0 <= declared <= MAX_DECOMPRESSED_SIZE:
+                out = context.decompressor.decompress(data)  # allocates the declared size, fails on any other
+                complete = True
+            elif declared < 0:
+                with context.decompressor.stream_reader(data) as reader:
+                    out = reader.read(MAX_DECOMPRESSED_SIZE + 1)
+                complete = len(out) <= MAX_DECOMPRESSED_SIZE
+            else:
+                out, complete = b"", False
     except Exception as exc:  # zlib.error, zstandard.ZstdError: either way the payload is malformed
         raise InvalidEnvelope(f"compressed payload is malformed ({type(exc).__name__})") from None
     if not complete:
         raise InvalidEnvelope("compressed payload is truncated or larger than the size limit")
     return out
+
+
+class _ZstdContexts(threading.local):
+    """One compressor and one decompressor per thread: zstandard's are not thread-safe, and a new one costs 20 us."""
+
+    def __init__(self) -> None:
+        self.zstd = _import_zstd()
+        self.compressor = self.zstd.ZstdCompressor(level=3)
+        self.decompressor = self.zstd.ZstdDecompressor()
+
+
+_zstd_contexts: _ZstdContexts | None = None
+
+
+def _zstd_context() -> _ZstdContexts:
+    global _zstd_contexts
+    if _zstd_contexts is None:
+        _zstd_contexts = _ZstdContexts()
+    return _zstd_contexts
 
 
 def _import_zstd() -> Any:

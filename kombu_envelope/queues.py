@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Protocol
@@ -36,6 +37,8 @@ _REDIS_PRIORITY_SEP = "\x06\x16"
 _REDIS_PRIORITIES = range(10)
 _REDIS_BINDING_PREFIX = "_kombu.binding."
 _REDIS_CHUNK = 500
+#: Seconds without progress after which requeueing is taken as done (consumers are taking the messages).
+_REQUEUE_STALL = 3.0
 
 
 class BrokerError(EnvelopeError):
@@ -202,9 +205,28 @@ class _AmqpReader:
             # Give every message back, in place; a closed channel (the broker
             # closed it after an error) has already had them requeued.
             if channel.is_open:
-                # basic.recover, waiting for recover-ok: the messages are back when it returns.
                 channel.send_method(spec.Basic.Recover, "b", (True,), wait=[spec.Basic.RecoverOk])
                 channel.close()
+            self._wait_requeued(queue, waiting)
+
+    def _wait_requeued(self, queue: str, waiting: int) -> None:
+        """Return once ``queue`` holds ``waiting`` messages again, or its count stops rising.
+
+        RabbitMQ answers recover-ok at once but puts the messages back in
+        place over a while (3.10, classic queue: 10,000 in about 3 s, 20,000
+        in about 12 s). Consumers taking them meanwhile keep the count below
+        ``waiting``, hence the second condition.
+        """
+        last, since = -1, time.monotonic()
+        while True:
+            count = self.count(queue)
+            if count >= waiting:
+                return
+            if count > last:
+                last, since = count, time.monotonic()
+            elif time.monotonic() - since > _REQUEUE_STALL:
+                return
+            time.sleep(0.05)
 
     def queues(self) -> list[str]:
         return []

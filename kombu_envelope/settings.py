@@ -145,6 +145,9 @@ def load_settings(config: Mapping[str, Any] | Any | None = None, environ: Mappin
     values: dict[str, Any] = {}
     for name, (parse, default, _) in SETTINGS.items():
         raw = config.get(name) if config is not None else None
+        if raw is None and parse is _optional_name and config is not None and name in config:
+            values[name] = None  # set to None on purpose: off (envelope_dead_letter_queue = None)
+            continue
         if raw is None:
             raw = environ.get(env_name(name))
         values[name] = default if raw is None else parse(name, raw)

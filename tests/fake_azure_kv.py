@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
+import pytest
 import requests
 import urllib3
 from azure.core.credentials import AccessToken
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from requests.adapters import HTTPAdapter
 
 from kombu_envelope.crypto import rsa_oaep_unwrap, rsa_oaep_wrap
+from kombu_envelope.providers import PROVIDER_IDS, SCHEMES
 from kombu_envelope.providers.azure_kv import AzureKeyVaultProvider
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -93,7 +95,7 @@ class FakeKeyVault:
         return f"https://{self.host}/keys/{name}/{version}"
 
     def latest(self, name: str) -> str:
-        return max(self.keys[name].items(), key=lambda item: item[1].created)[0]
+        return next(reversed(self.keys[name]))  # the version created last
 
     def operations(self) -> list[tuple[str, str]]:
         """(method, path) of every authorized request, in order."""
@@ -101,7 +103,9 @@ class FakeKeyVault:
 
     # -- the service ------------------------------------------------------
 
-    def handle(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+    def handle(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any]:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         payload = json.loads(body) if body else None
@@ -128,19 +132,29 @@ class FakeKeyVault:
 
     def _find(self, name: str, version: str, operation: str) -> tuple[int, dict[str, str], Any] | KeyVersion:
         if operation in self.denied:
-            return 403, {}, _error(
-                "Forbidden",
-                f"The user, group or application 'appid=1950a258;oid=5f2c' does not have keys {operation} permission on "
-                f"key vault '{self.host.split('.')[0]};location=westeurope'. For help resolving this issue, please see "
-                "https://go.microsoft.com/fwlink/?linkid=2125287",
-                inner="AccessDenied",
+            return (
+                403,
+                {},
+                _error(
+                    "Forbidden",
+                    "The user, group or application 'appid=1950a258;oid=5f2c' does not have keys "
+                    f"{operation} permission on key vault '{self.host.split('.')[0]};location=westeurope'. "
+                    "For help resolving this issue, please see "
+                    "https://go.microsoft.com/fwlink/?linkid=2125287",
+                    inner="AccessDenied",
+                ),
             )
         versions = self.keys.get(name, {})
         key = versions.get(version or (self.latest(name) if versions else ""))
         if key is None:
-            return 404, {}, _error(
-                "KeyNotFound", f"A key with (name/id) {name}/{version} was not found in this key vault. If you recently "
-                "deleted this key you may be able to recover it using the correct recovery command."
+            return (
+                404,
+                {},
+                _error(
+                    "KeyNotFound",
+                    f"A key with (name/id) {name}/{version} was not found in this key vault. If you recently "
+                    "deleted this key you may be able to recover it using the correct recovery command.",
+                ),
             )
         if not key.enabled and operation != "get":
             return 403, {}, _error("Forbidden", f"Operation {operation} is not allowed on a disabled key.")
@@ -159,8 +173,12 @@ class FakeKeyVault:
         elif found.kty == "EC":
             jwk.update(crv="P-256", x=b64url(os.urandom(32)), y=b64url(os.urandom(32)))
         attributes = {
-            "enabled": found.enabled, "created": found.created, "updated": found.created,
-            "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90, "exportable": False,
+            "enabled": found.enabled,
+            "created": found.created,
+            "updated": found.created,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": 90,
+            "exportable": False,
         }
         return 200, {}, {"key": jwk, "attributes": attributes}
 
@@ -181,7 +199,11 @@ class FakeKeyVault:
                 wrap = aes_key_wrap if operation == "wrapKey" else aes_key_unwrap
                 result = wrap(found.secret, value)
             else:
-                return 400, {}, _error("BadParameter", f"Algorithm {algorithm} is not supported for key type {found.kty}.")
+                return (
+                    400,
+                    {},
+                    _error("BadParameter", f"Algorithm {algorithm} is not supported for key type {found.kty}."),
+                )
         except (ValueError, InvalidUnwrap):
             return 400, {}, _error("BadParameter", "The parameter is incorrect.")
         return 200, {}, {"kid": self.key_id(name, version), "value": b64url(result)}
@@ -209,17 +231,27 @@ class FakeAzureNetwork(HTTPAdapter):
         self.vaults: dict[str, FakeKeyVault] = {}
         self.token = "token-" + secrets.token_hex(8)  # what Entra ID would issue to the test's identity
 
-    def add_vault(self, host: str) -> FakeKeyVault:
+    def add_vault(self, host: str | None = None, *, hsm: bool = False) -> FakeKeyVault:
+        """A new vault (a Managed HSM if ``hsm``); a fresh host name by default, so no SDK cache knows it yet."""
+        if host is None:
+            host = (
+                f"hsm{secrets.token_hex(4)}.managedhsm.azure.net"
+                if hsm
+                else f"kv{secrets.token_hex(4)}.vault.azure.net"
+            )
         self.vaults[host] = FakeKeyVault(host, self.token)
         return self.vaults[host]
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        host = urlsplit(request.url).hostname or ""
+        url = str(request.url)
+        host = urlsplit(url).hostname or ""
         vault = self.vaults.get(host)
         if vault is None:
             raise requests.ConnectionError(f"Failed to resolve '{host}' ([Errno -2] Name or service not known)")
         body = request.body.encode() if isinstance(request.body, str) else request.body
-        status, headers, payload = vault.handle(request.method or "", request.url or "", body, dict(request.headers))
+        assert body is None or isinstance(body, bytes)
+        headers_in = {str(k): str(v) for k, v in request.headers.items()}
+        status, headers, payload = vault.handle(str(request.method), url, body, headers_in)
         content = json.dumps(payload).encode() if payload is not None else b""
         headers = {**headers, "Content-Length": str(len(content)), "x-ms-keyvault-service-version": "1.9.2000.1"}
         if payload is not None:
@@ -247,12 +279,21 @@ class FakeCredential:
 
 
 class FakeAzureProvider(AzureKeyVaultProvider):
-    """The real provider, with its SDK clients on ``network`` and a ``FakeCredential`` instead of DefaultAzureCredential."""
+    """The real provider, its SDK clients on ``network``, a ``FakeCredential`` instead of DefaultAzureCredential."""
 
     network: ClassVar[FakeAzureNetwork]
 
     def _new_credential(self) -> FakeCredential:
-        return FakeCredential(self.network)
+        self.credential = FakeCredential(self.network)
+        return self.credential
 
     def _client_options(self) -> dict[str, Any]:
         return {**super()._client_options(), "transport": self.network.transport()}
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> FakeAzureNetwork:
+    """A fresh fake network; until ``monkeypatch`` undoes it, ``azure-kv://`` URIs build a FakeAzureProvider on it."""
+    network = FakeAzureNetwork()
+    monkeypatch.setattr(FakeAzureProvider, "network", network, raising=False)
+    monkeypatch.setitem(SCHEMES, "azure-kv", (PROVIDER_IDS["azure-kv"], __name__, "FakeAzureProvider", "azure"))
+    return network

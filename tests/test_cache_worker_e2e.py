@@ -6,10 +6,8 @@ published under one data key: the MainProcess decodes every task, about 80 pool 
 audit log, not our counters, must show one data-key generation and one decrypt for the
 producer, and the same for the whole worker host.
 
-The key server is a real OpenBao Transit engine over HTTP, reached through
-tests/transit_provider.py (``test-transit://``, urllib) until kombu_envelope's own
-``vault://`` provider lands. Producer, worker and ``celery inspect`` use three tokens so
-the audit log tells their calls apart.
+The key server is a real OpenBao Transit engine over HTTP (``vault://``). Producer, worker and
+``celery inspect`` use three tokens so the audit log tells their calls apart.
 """
 
 from __future__ import annotations
@@ -26,10 +24,9 @@ from celery.result import ResultSet
 from kombu_envelope import serializer
 
 try:
-    from . import servers, transit_provider
+    from . import servers
 except ImportError:  # tests/ as a plain directory
     import servers  # type: ignore[no-redef]
-    import transit_provider  # type: ignore[no-redef]
 
 TASKS = 2000
 
@@ -67,8 +64,7 @@ def test_the_worker_host_unwraps_once_and_makes_one_result_key(tmp_path, bao_ser
             "result_serializer": "envelope",
             "accept_content": ["envelope"],
             "task_default_queue": "q-" + name,
-            "envelope_key_uri": f"{transit_provider.SCHEME}://transit/keys/{key}",
-            "imports": ["tests.transit_provider"],
+            "envelope_key_uri": f"vault://transit/keys/{key}",
         },
     )
     monkeypatch.setenv("VAULT_ADDR", bao_server.addr)
@@ -132,16 +128,13 @@ def inspect_envelope_stats(app_dir, module: str, nodename: str, vault_addr: str,
         "VAULT_TOKEN": vault_token,
         "PYTHONPATH": os.pathsep.join([str(app_dir), str(servers.REPO_ROOT)]),
     }
-    # The CLI does not load the app's `imports`: register the test-only key scheme the way a user's
-    # app module would import its own code (vault:// needs nothing of the sort).
-    (app_dir / f"{module}_cli.py").write_text(f"import tests.transit_provider\nfrom {module} import app\n")
     node = nodename.replace("%h", os.uname().nodename)
     command = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        f"{module}_cli",
+        module,
         "inspect",
         "envelope_stats",
         "--json",

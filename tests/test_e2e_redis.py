@@ -8,7 +8,7 @@ the events the worker emits.
 
 from __future__ import annotations
 
-import base64
+import socket
 import threading
 import time
 import uuid
@@ -104,12 +104,13 @@ def test_secrets_never_reach_redis_logs_or_events_and_tasks_run(envelope_app, re
 
 def test_control_commands_keep_working(envelope_app):
     module, app_dir, _ = envelope_app
-    with CeleryWorker(app_dir, module.__name__, concurrency=2):
-        inspect = module.app.control.inspect(timeout=5)
+    with CeleryWorker(app_dir, module.__name__, concurrency=2) as worker:
+        node = worker.nodename.replace("%h", socket.gethostname())
+        inspect = module.app.control.inspect(timeout=10, destination=[node], limit=1)
         pings = inspect.ping()
         stats = inspect.stats()
-    assert pings and all(reply == {"ok": "pong"} for reply in pings.values())
-    assert stats and all(s["pool"]["max-concurrency"] == 2 for s in stats.values())
+    assert pings == {node: {"ok": "pong"}}
+    assert stats[node]["pool"]["max-concurrency"] == 2
 
 
 def _publish_raw(url: str, queue: str, body: bytes, content_type: str, task_id: str, task: str) -> None:

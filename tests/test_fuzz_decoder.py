@@ -38,14 +38,14 @@ def test_every_seed_decodes(target):
         seed.codec.decode(seed.data)
 
 
-@settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rng=st.randoms(use_true_random=False))
 def test_mutated_envelopes_raise_only_documented_errors(target, rng):
     codec, data = mutate(target, rng)
     _decode_documented(codec, data)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prefix=st.sampled_from([b"", b"\x01\x01\x00\x01", b"\x01\x01\x01\x01", b"\x01\x02\x00\x01", b"\x01\x01\x06\x08"]), rest=st.binary(max_size=300))
 def test_arbitrary_bytes_raise_only_documented_errors(target, prefix, rest):
     for codec in target.codecs:

@@ -14,6 +14,7 @@ and each test says so:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from botocore.stub import Stubber
@@ -119,7 +121,9 @@ def test_unknown_key_is_refused_at_once_naming_uri_and_reason(kms):
         p.generate_data_key(CONTEXT)
     assert time.monotonic() - started < 2  # not retried
     assert refused.value.transient is False
-    assert str(refused.value).startswith("key service for aws-kms://alias/no-such-key refused the request: GenerateDataKey")
+    assert str(refused.value).startswith(
+        "key service for aws-kms://alias/no-such-key refused the request: GenerateDataKey"
+    )
     assert "NotFoundException" in str(refused.value)
 
 
@@ -136,7 +140,9 @@ def test_key_state_refusals_fail_at_once(monkeypatch, code, message):
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     p = provider("aws-kms://arn:aws:kms:us-east-1:111122223333:key/k", RetryPolicy(total=30))
     with Stubber(p.client) as stub:
-        stub.add_client_error("generate_data_key", service_error_code=code, service_message=message, http_status_code=400)
+        stub.add_client_error(
+            "generate_data_key", service_error_code=code, service_message=message, http_status_code=400
+        )
         with pytest.raises(KeyServiceError) as refused:
             p.generate_data_key(CONTEXT)
         stub.assert_no_pending_responses()
@@ -147,9 +153,18 @@ def test_key_state_refusals_fail_at_once(monkeypatch, code, message):
 # -- IAM: encrypt-only producers, decrypt-only workers ----------------------------------------------
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "key-services.md"
+
+
+def documented_actions(marker: str) -> list[str]:
+    """The IAM actions of the policy that follows ``<!-- marker -->`` in docs/key-services.md."""
+    match = re.search(rf"<!-- {re.escape(marker)} -->\s*```json\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert match, f"no policy marked {marker} in {DOCS}"
+    return [action for statement in json.loads(match.group(1))["Statement"] for action in statement["Action"]]
+
+
 class IamMotoServer(servers.MotoServer):
-    """moto with IAM enforced after the first ``free`` requests (moto matches KMS actions, not key ARNs,
-    so the test policies use Resource "*"; docs/key-services.md scopes them to the key ARN)."""
+    """moto with IAM enforced after the first ``free`` requests."""
 
     free = 0
 
@@ -157,7 +172,8 @@ class IamMotoServer(servers.MotoServer):
         return {**super().environment(), "INITIAL_NO_AUTH_ACTION_COUNT": str(self.free)}
 
 
-def _user_with_policy(iam, name: str, actions: list[str]) -> dict[str, str]:
+def _user_with_actions(iam, name: str, actions: list[str]) -> dict[str, str]:
+    # moto matches KMS actions but neither key ARNs nor conditions: Resource "*" here, the key's ARN in the docs.
     iam.create_user(UserName=name)
     document = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
     iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(document))
@@ -165,43 +181,49 @@ def _user_with_policy(iam, name: str, actions: list[str]) -> dict[str, str]:
     return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
-def test_documented_iam_actions_producer_encrypts_only_worker_decrypts_only(monkeypatch):
+def test_documented_iam_policies_producers_encrypt_only_workers_decrypt_only(monkeypatch):
     import boto3
 
+    roles = {
+        "producer": documented_actions("aws-policy-producer"),
+        "worker": documented_actions("aws-policy-worker"),
+        "rsa-producer": documented_actions("aws-policy-rsa-producer"),
+    }
     server = IamMotoServer()
-    server.free = 1 + 3 * 3  # CreateKey, then CreateUser, PutUserPolicy, CreateAccessKey for each user
+    server.free = 2 + 3 * len(roles)  # two CreateKey, then CreateUser, PutUserPolicy, CreateAccessKey per role
     with server:
         for name, value in server.env.items():
             monkeypatch.setenv(name, value)
         uri = f"aws-kms://{server.create_key()}"
+        rsa_arn = server.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")
         iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1")
-        # The actions docs/key-services.md grants (multi-wrap adds kms:Encrypt for producers).
-        producer = _user_with_policy(iam, "producer", ["kms:GenerateDataKey", "kms:Encrypt"])
-        worker = _user_with_policy(iam, "worker", ["kms:Decrypt"])
-        nobody = _user_with_policy(iam, "nobody", ["kms:DescribeKey"])
+        credentials = {role: _user_with_actions(iam, role, actions) for role, actions in roles.items()}
 
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", producer["AWS_ACCESS_KEY_ID"])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", producer["AWS_SECRET_ACCESS_KEY"])
+        def act_as(role: str) -> None:
+            for name, value in credentials[role].items():
+                monkeypatch.setenv(name, value)
+
+        act_as("producer")
         message = fresh_codec([uri], context=CONTEXT).encode(VALUE)
         with pytest.raises(KeyServiceError) as producer_decrypts:
             fresh_codec([uri], context=CONTEXT).decode(message)
 
-        for name, value in worker.items():
-            monkeypatch.setenv(name, value)
+        act_as("worker")
         assert fresh_codec([uri], context=CONTEXT).decode(message) == VALUE
         with pytest.raises(KeyServiceError) as worker_encrypts:
             fresh_codec([uri], context=CONTEXT).encode(VALUE)
 
-        for name, value in nobody.items():
-            monkeypatch.setenv(name, value)
-        with pytest.raises(KeyServiceError) as nobody_decrypts:
-            fresh_codec([uri], context=CONTEXT).decode(message)
+        act_as("rsa-producer")
+        rsa_message = fresh_codec([f"aws-kms://{rsa_arn}?public_key=fetch"], context=CONTEXT).encode(VALUE)
+        assert fresh_codec([], [f"aws-kms://{rsa_arn}"]).inspect(rsa_message).wrapped_keys[0].wrapped[0] == 2
+        with pytest.raises(KeyServiceError) as rsa_producer_encrypts:
+            fresh_codec([uri], context=CONTEXT).encode(VALUE)
 
     assert producer_decrypts.value.transient is False
     assert f"{uri} refused the request: Decrypt" in str(producer_decrypts.value)
     assert "not authorized to perform: kms:Decrypt" in str(producer_decrypts.value)
     assert "not authorized to perform: kms:GenerateDataKey" in str(worker_encrypts.value)
-    assert "not authorized to perform: kms:Decrypt" in str(nobody_decrypts.value)
+    assert "not authorized to perform: kms:GenerateDataKey" in str(rsa_producer_encrypts.value)
 
 
 # -- asymmetric RSA keys ------------------------------------------------------------------------------
@@ -240,8 +262,13 @@ def test_rsa_call_shapes_with_stubber(monkeypatch):
     with Stubber(producer.client) as stub:
         stub.add_response(
             "get_public_key",
-            {"KeyId": arn, "PublicKey": der, "KeySpec": "RSA_2048", "KeyUsage": "ENCRYPT_DECRYPT",
-             "EncryptionAlgorithms": ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"]},
+            {
+                "KeyId": arn,
+                "PublicKey": der,
+                "KeySpec": "RSA_2048",
+                "KeyUsage": "ENCRYPT_DECRYPT",
+                "EncryptionAlgorithms": ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"],
+            },
             {"KeyId": arn},
         )
         pairs = [producer.generate_data_key(CONTEXT) for _ in range(3)]  # one GetPublicKey, then cached
@@ -271,7 +298,9 @@ def test_rsa_with_a_public_key_file_needs_no_kms_to_encrypt(tmp_path, monkeypatc
     arn = "arn:aws:kms:us-east-1:111122223333:key/rsa-file"
     private, _ = _rsa_key_pair()
     pem = tmp_path / "orders.pem"
-    pem.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pem.write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
     message = fresh_codec([f"aws-kms://{arn}?public_key={pem}"], context=CONTEXT).encode(VALUE)
 
@@ -282,7 +311,11 @@ def test_rsa_with_a_public_key_file_needs_no_kms_to_encrypt(tmp_path, monkeypatc
     with Stubber(client) as stub:
         stub.add_response(
             "decrypt",
-            {"KeyId": arn, "Plaintext": rsa_oaep_unwrap(private, wrapped[1:]), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+            {
+                "KeyId": arn,
+                "Plaintext": rsa_oaep_unwrap(private, wrapped[1:]),
+                "EncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+            },
             {"CiphertextBlob": wrapped[1:], "KeyId": arn, "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
         )
         assert worker.decode(message) == VALUE
@@ -327,11 +360,18 @@ class ScriptedFront:
                 front.operations.append(self.headers.get("X-Amz-Target", "").rpartition(".")[2])
                 if front.script:
                     status, error_type, message = front.script.pop(0)
-                    self._answer(status, "application/x-amz-json-1.1",
-                                 json.dumps({"__type": error_type, "message": message}).encode())
+                    self._answer(
+                        status,
+                        "application/x-amz-json-1.1",
+                        json.dumps({"__type": error_type, "message": message}).encode(),
+                    )
                     return
-                request = urllib.request.Request(front.upstream + self.path, data=body, method="POST",
-                                                 headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                request = urllib.request.Request(
+                    front.upstream + self.path,
+                    data=body,
+                    method="POST",
+                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+                )
                 try:
                     with urllib.request.urlopen(request, timeout=10) as answer:
                         status, content_type, payload = answer.status, answer.headers["Content-Type"], answer.read()
@@ -383,11 +423,14 @@ def test_transient_failures_give_up_within_the_bound_as_transient_errors(kms, mo
         with pytest.raises(KeyServiceError) as unavailable:
             provider(uri, RetryPolicy(total=0.6, first_delay=0.02, max_delay=0.2)).generate_data_key(CONTEXT)
         elapsed = time.monotonic() - started
-    assert 0.1 < elapsed < 1.5
+    # Bounded: the policy allows 0.6 s; the slack is for a loaded CI machine, not for the policy.
+    assert 0.1 < elapsed < 3.0
     assert unavailable.value.transient is True
     text = str(unavailable.value)
-    assert text.startswith(f"key service for {uri} temporarily unavailable: GenerateDataKey: ThrottlingException: Rate exceeded")
-    assert "gave up after" in text and len(front.operations) > 2
+    assert text.startswith(
+        f"key service for {uri} temporarily unavailable: GenerateDataKey: ThrottlingException: Rate exceeded"
+    )
+    assert "gave up after" in text and len(front.operations) >= 2  # retried, then gave up
 
 
 def test_refused_connection_is_transient(monkeypatch):
@@ -426,7 +469,7 @@ def test_timeouts_are_retried_until_the_service_answers_again(private_moto_serve
 @pytest.mark.parametrize(
     "uri, expected",
     [
-        ("aws-kms://", "names no key"),
+        ("aws-kms://?public_key=fetch", "names no key"),
         ("aws-kms://arn:aws:s3:::bucket", "is not a KMS key or alias ARN"),
         ("aws-kms://alias/a?region=eu-west-1", "unknown parameter 'region'"),
         ("aws-kms://alias/a?public_key=keys/a.pem", "must be 'fetch'"),
@@ -451,7 +494,7 @@ def test_missing_boto3_names_the_extra_to_install():
         "from kombu_envelope.providers import provider_for_uri\n"
         "provider_for_uri('aws-kms://alias/orders')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "ConfigurationError: envelope_key_uri: 'aws-kms://alias/orders' needs the 'aws' extra" in run.stderr
     assert "pip install 'kombu-envelope[aws]'" in run.stderr
@@ -464,4 +507,3 @@ def test_missing_region_says_how_to_set_it(monkeypatch):
     with pytest.raises(KeyServiceError) as refused:
         provider("aws-kms://alias/orders").generate_data_key(CONTEXT)
     assert refused.value.transient is False and "set AWS_REGION" in str(refused.value)
-

@@ -38,8 +38,13 @@ URI_EXAMPLES = (
 
 
 def key_fingerprint(uri: str) -> bytes:
-    """The 4 bytes that name a key URI on the wire: enough to pick a provider without trial decryption."""
-    return hashlib.sha256(uri.encode("utf-8")).digest()[:4]
+    """The 4 bytes that name a key URI on the wire: enough to pick a provider without trial decryption.
+
+    Query parameters (``?public_key=...``) say how a producer wraps, not which
+    key: ``aws-kms://alias/a?public_key=fetch`` and ``aws-kms://alias/a`` are
+    the same key and share a fingerprint.
+    """
+    return hashlib.sha256(uri.partition("?")[0].encode("utf-8")).digest()[:4]
 
 
 class KeyProvider(abc.ABC):

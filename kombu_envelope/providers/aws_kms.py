@@ -1,9 +1,10 @@
 """``aws-kms://KEY``: AWS KMS keys, symmetric or asymmetric RSA, through boto3.
 
 KEY is a key id, a key ARN, ``alias/NAME`` or an alias ARN. Credentials,
-region and endpoint follow boto3's own conventions (profiles, ``AWS_REGION``,
-``AWS_ENDPOINT_URL_KMS``, instance and task roles); for an ARN, the ARN's
-region is used, so keys of several regions can be listed for multi-wrap.
+region and endpoint follow boto3's own conventions (profiles,
+``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_KMS``, instance and task roles),
+with ``AWS_REGION`` as a fallback region; for an ARN, the ARN's region is
+used, so keys of several regions can be listed for multi-wrap.
 
 - Symmetric keys (the default): ``GenerateDataKey`` (AES_256) makes data keys,
   ``Encrypt`` wraps one for a second key (multi-wrap), ``Decrypt`` unwraps;
@@ -24,6 +25,7 @@ Errors and retries: ``retry``. Permissions: docs/key-services.md.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import boto3
@@ -33,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from ..crypto import load_rsa_public_key, rsa_oaep_wrap
 from ..errors import KeyServiceError
-from . import Context, KeyProvider, key_fingerprint
+from . import Context, KeyProvider
 from .remote import (
     FETCH,
     WRAPPED_BY_SERVICE,
@@ -84,10 +86,15 @@ def classify(exc: Exception) -> Failure | None:
         if code in _TRANSIENT_CODES or status == 429 or status >= 500:
             return Failure(Kind.TRANSIENT, reason)
         return Failure(Kind.REFUSED, reason)
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
-        return Failure(Kind.TRANSIENT, str(exc))
-    if isinstance(exc, botocore.exceptions.CredentialRetrievalError):  # e.g. the instance metadata service timed out
-        return Failure(Kind.TRANSIENT, str(exc))
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.ConnectionError,  # refused, DNS, connect timeout, TLS
+            botocore.exceptions.HTTPClientError,  # read timeout, connection reset
+            botocore.exceptions.CredentialRetrievalError,  # e.g. the instance metadata service timed out
+        ),
+    ):
+        return Failure(Kind.TRANSIENT, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
         return Failure(
             Kind.REFUSED,
@@ -108,8 +115,6 @@ class AwsKmsProvider(KeyProvider):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         parsed = parse_key_uri(uri, self.scheme, EXAMPLE)
-        # The query says how producers wrap; the key's identity (and wire fingerprint) is the rest.
-        self.fingerprint = key_fingerprint(parsed.identity)
         self.key_id = parsed.key
         self.region: str | None = None
         if self.key_id.startswith("arn:"):
@@ -128,7 +133,10 @@ class AwsKmsProvider(KeyProvider):
             retries={"total_max_attempts": 1},  # ``retry`` retries, within a bounded time
             user_agent_extra="kombu-envelope",
         )
-        return boto3.session.Session().client("kms", region_name=self.region, config=config)
+        session = boto3.session.Session()
+        # botocore itself reads AWS_DEFAULT_REGION and profiles only; other AWS SDKs (and Lambda) use AWS_REGION.
+        region = self.region or session.region_name or os.environ.get("AWS_REGION") or None
+        return session.client("kms", region_name=region, config=config)
 
     def _call(self, action: str, **params: Any) -> dict[str, Any]:
         def request() -> dict[str, Any]:

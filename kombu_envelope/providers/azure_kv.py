@@ -35,24 +35,33 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.core.rest import HttpRequest
+from azure.identity import DefaultAzureCredential
 from azure.keyvault.keys import KeyClient, KeyType, KeyVaultKey
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 
 from ..crypto import load_rsa_public_key, rsa_oaep_wrap
-from ..errors import ConfigurationError, InvalidEnvelope, KeyServiceError
+from ..errors import InvalidEnvelope, KeyServiceError
 from . import Context, KeyProvider
 from .context_binding import bind_context, unbind_context
 from .remote import WRAPPED_BY_SERVICE, WRAPPED_RSA_OAEP_SHA256, split_wrapped, tag_wrapped
-from .retry import CONNECT_TIMEOUT, READ_TIMEOUT, Failure, Kind, call
+from .retry import CONNECT_TIMEOUT, DEFAULT_POLICY, READ_TIMEOUT, Failure, Kind, RetryPolicy, call
 
 __all__ = ["AzureKeyVaultProvider", "KEY_REFRESH"]
 
 _T = TypeVar("_T")
 
-EXAMPLE = "azure-kv://myvault.vault.azure.net/keys/orders (or azure-kv://myhsm.managedhsm.azure.net/keys/orders/VERSION)"
+EXAMPLE = (
+    "azure-kv://myvault.vault.azure.net/keys/orders (or azure-kv://myhsm.managedhsm.azure.net/keys/orders/VERSION)"
+)
 #: Public and sovereign clouds: Key Vault and Managed HSM host suffixes.
 HOST_SUFFIXES = (
     ".vault.azure.net",
@@ -99,6 +108,7 @@ class AzureKeyVaultProvider(KeyProvider):
         self.key_name: str = match["name"]
         self.key_version: str | None = match["version"]
         self._wrapping_key: _WrappingKey | None = None
+        self.retry_policy: RetryPolicy = DEFAULT_POLICY
 
     # -- SDK clients, one per process -------------------------------------
 
@@ -106,8 +116,6 @@ class AzureKeyVaultProvider(KeyProvider):
         return KeyClient(self.vault_url, self._new_credential(), **self._client_options())
 
     def _new_credential(self) -> TokenCredential:
-        from azure.identity import DefaultAzureCredential
-
         return DefaultAzureCredential()
 
     def _client_options(self) -> dict[str, Any]:
@@ -133,7 +141,9 @@ class AzureKeyVaultProvider(KeyProvider):
     def _current_wrapping_key(self) -> _WrappingKey:
         key = self._wrapping_key
         if key is None or (self.key_version is None and time.monotonic() - key.fetched > KEY_REFRESH):
-            vault_key = self._call("get key", lambda: self.client.get_key(self.key_name, self.key_version), message_data=False)
+            vault_key = self._call(
+                "get key", lambda: self.client.get_key(self.key_name, self.key_version), message_data=False
+            )
             key = self._wrapping_key = self._check_wrapping_key(vault_key)
         return key
 
@@ -142,32 +152,47 @@ class AzureKeyVaultProvider(KeyProvider):
         props = vault_key.properties
         version = props.version or ""
         if not _VERSION.fullmatch(version.encode()):
-            raise KeyServiceError(self.uri, f"get key: the vault returned an unusable key id {vault_key.id!r}", transient=False)
+            raise KeyServiceError(
+                self.uri, f"get key: the vault returned an unusable key id {vault_key.id!r}", transient=False
+            )
         if props.enabled is False:
-            raise KeyServiceError(self.uri, f"key version {version} is disabled; enable it or name another version", transient=False)
+            raise KeyServiceError(
+                self.uri, f"key version {version} is disabled; enable it or name another version", transient=False
+            )
         now = time.time()
-        if (props.not_before and props.not_before.timestamp() > now) or (props.expires_on and props.expires_on.timestamp() < now):
-            raise KeyServiceError(self.uri, f"key version {version} is outside its activation/expiry dates", transient=False)
+        if (props.not_before and props.not_before.timestamp() > now) or (
+            props.expires_on and props.expires_on.timestamp() < now
+        ):
+            raise KeyServiceError(
+                self.uri, f"key version {version} is outside its activation/expiry dates", transient=False
+            )
         ops = set(vault_key.key_operations or ())
         if ops and not {"wrapKey", "unwrapKey"} <= ops:
-            raise ConfigurationError(
-                f"{self.uri}: the key's permitted operations ({', '.join(sorted(ops))}) lack wrapKey/unwrapKey; "
-                "allow both on the key (az keyvault key set-attributes --ops wrapKey unwrapKey ...)"
+            raise KeyServiceError(
+                self.uri,
+                f"the key's permitted operations ({', '.join(sorted(ops))}) lack wrapKey/unwrapKey; allow both "
+                "(az keyvault key set-attributes --ops wrapKey unwrapKey ...)",
+                transient=False,
             )
         if vault_key.key_type in _RSA_TYPES:
-            jwk = vault_key.key
+            jwk: Any = vault_key.key  # JsonWebKey sets n and e dynamically
             numbers = RSAPublicNumbers(int.from_bytes(jwk.e, "big"), int.from_bytes(jwk.n, "big"))
-            der = numbers.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            der = numbers.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
             try:
                 public_key = load_rsa_public_key(der)
             except ValueError as exc:
-                raise ConfigurationError(f"{self.uri}: {exc}") from None
+                raise KeyServiceError(self.uri, f"get key: unusable public key: {exc}", transient=False) from None
             return _WrappingKey(version, public_key, time.monotonic())
         if vault_key.key_type == KeyType.oct_hsm:
             return _WrappingKey(version, None, time.monotonic())
-        raise ConfigurationError(
-            f"{self.uri} is a {vault_key.key_type} key, which cannot wrap data keys; use an RSA key "
-            "(Key Vault: az keyvault key create --kty RSA --size 3072) or an AES key in a Managed HSM (--kty oct-HSM --size 256)"
+        key_type = getattr(vault_key.key_type, "value", vault_key.key_type)
+        raise KeyServiceError(
+            self.uri,
+            f"the key's type is {key_type}, which cannot wrap data keys; use an RSA key "
+            "(az keyvault key create --kty RSA --size 3072) or a Managed HSM AES key (--kty oct-HSM --size 256)",
+            transient=False,
         )
 
     def _split_version(self, rest: bytes) -> tuple[str, bytes]:
@@ -178,7 +203,9 @@ class AzureKeyVaultProvider(KeyProvider):
             raise InvalidEnvelope(f"the data key wrapped under {self.uri} names no valid key version")
         version = raw.decode("ascii")
         if self.key_version is not None and version != self.key_version:
-            raise InvalidEnvelope(f"the data key was wrapped under version {version}, but {self.uri} names one version")
+            raise InvalidEnvelope(
+                f"the data key was wrapped under key version {version}, not {self.key_version} that {self.uri} names"
+            )
         return version, ciphertext
 
     # -- calls ------------------------------------------------------------
@@ -204,7 +231,7 @@ class AzureKeyVaultProvider(KeyProvider):
         def classify(exc: Exception) -> Failure | None:
             return _classify(exc, message_data)
 
-        return call(self.uri, action, fn, classify)
+        return call(self.uri, action, fn, classify, self.retry_policy)
 
 
 def _classify(exc: Exception, message_data: bool) -> Failure | None:

@@ -27,18 +27,24 @@ from typing import Any, Callable, TypeVar
 
 import google_crc32c
 import requests
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from google.api_core.exceptions import GoogleAPICallError
 from google.auth.exceptions import DefaultCredentialsError, RefreshError, TransportError
 from google.cloud.kms_v1 import CryptoKeyVersion, KeyManagementServiceClient
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from ..crypto import load_rsa_public_key, rsa_oaep_wrap
-from ..errors import ConfigurationError, InvalidEnvelope
+from ..errors import InvalidEnvelope, KeyServiceError
 from ..wire import canonical_context
 from . import Context, KeyProvider
 from .context_binding import bind_context, unbind_context
-from .remote import WRAPPED_BY_SERVICE, WRAPPED_RSA_OAEP_SHA256, direct_mode_needs_symmetric_key, split_wrapped, tag_wrapped
-from .retry import READ_TIMEOUT, Failure, Kind, call
+from .remote import (
+    WRAPPED_BY_SERVICE,
+    WRAPPED_RSA_OAEP_SHA256,
+    direct_mode_needs_symmetric_key,
+    split_wrapped,
+    tag_wrapped,
+)
+from .retry import DEFAULT_POLICY, READ_TIMEOUT, Failure, Kind, RetryPolicy, call
 
 __all__ = ["GcpKmsProvider"]
 
@@ -83,6 +89,7 @@ class GcpKmsProvider(KeyProvider):
         self.resource_name = uri[len("gcp-kms://") :]
         self.asymmetric = match["version"] is not None
         self._public_key: RSAPublicKey | None = None
+        self.retry_policy: RetryPolicy = DEFAULT_POLICY
 
     def _create_client(self) -> KeyManagementServiceClient:
         return KeyManagementServiceClient(transport="rest")
@@ -91,7 +98,9 @@ class GcpKmsProvider(KeyProvider):
 
     def wrap_data_key(self, data_key: bytes, context: Context) -> bytes:
         if self.asymmetric:
-            return tag_wrapped(WRAPPED_RSA_OAEP_SHA256, rsa_oaep_wrap(self._rsa_public_key(), bind_context(data_key, context)))
+            return tag_wrapped(
+                WRAPPED_RSA_OAEP_SHA256, rsa_oaep_wrap(self._rsa_public_key(), bind_context(data_key, context))
+            )
         return tag_wrapped(WRAPPED_BY_SERVICE, self._encrypt(data_key, context))
 
     def unwrap_data_key(self, wrapped: bytes, context: Context) -> bytes:
@@ -118,13 +127,19 @@ class GcpKmsProvider(KeyProvider):
 
     def _encrypt(self, plaintext: bytes, context: Context) -> bytes:
         aad = canonical_context(context)
-        request: dict[str, Any] = {"name": self.resource_name, "plaintext": plaintext, "plaintext_crc32c": _crc32c(plaintext)}
+        request: dict[str, Any] = {
+            "name": self.resource_name,
+            "plaintext": plaintext,
+            "plaintext_crc32c": _crc32c(plaintext),
+        }
         if aad:
             request.update(additional_authenticated_data=aad, additional_authenticated_data_crc32c=_crc32c(aad))
 
         def send() -> bytes:
             response = self.client.encrypt(request=request, retry=None, timeout=READ_TIMEOUT)
-            if not response.verified_plaintext_crc32c or (aad and not response.verified_additional_authenticated_data_crc32c):
+            if not response.verified_plaintext_crc32c or (
+                aad and not response.verified_additional_authenticated_data_crc32c
+            ):
                 raise _Corrupted("the request reached Cloud KMS damaged")
             if response.ciphertext_crc32c != _crc32c(response.ciphertext):
                 raise _Corrupted("the answer arrived damaged")
@@ -134,7 +149,11 @@ class GcpKmsProvider(KeyProvider):
 
     def _decrypt(self, ciphertext: bytes, context: Context) -> bytes:
         aad = canonical_context(context)
-        request: dict[str, Any] = {"name": self.resource_name, "ciphertext": ciphertext, "ciphertext_crc32c": _crc32c(ciphertext)}
+        request: dict[str, Any] = {
+            "name": self.resource_name,
+            "ciphertext": ciphertext,
+            "ciphertext_crc32c": _crc32c(ciphertext),
+        }
         if aad:
             request.update(additional_authenticated_data=aad, additional_authenticated_data_crc32c=_crc32c(aad))
 
@@ -165,21 +184,27 @@ class GcpKmsProvider(KeyProvider):
             return self._public_key
 
         def send() -> tuple[str, Any]:
-            response = self.client.get_public_key(request={"name": self.resource_name}, retry=None, timeout=READ_TIMEOUT)
+            response = self.client.get_public_key(
+                request={"name": self.resource_name}, retry=None, timeout=READ_TIMEOUT
+            )
             if response.name != self.resource_name or response.pem_crc32c != _crc32c(response.pem.encode()):
                 raise _Corrupted("the answer arrived damaged")
             return response.pem, response.algorithm
 
         pem, algorithm = self._call("GetPublicKey", send, message_data=False)
         if algorithm not in _OAEP_SHA256:
-            raise ConfigurationError(
-                f"{self.uri} is a {_ALGORITHM(algorithm).name} key version; kombu-envelope wraps with RSA-OAEP SHA-256: "
-                "use an RSA_DECRYPT_OAEP_{2048,3072,4096}_SHA256 key version, or a symmetric key named without /cryptoKeyVersions/"
+            raise KeyServiceError(
+                self.uri,
+                f"GetPublicKey: the key version is {_ALGORITHM(algorithm).name}, and kombu-envelope wraps with "
+                "RSA-OAEP "
+                "SHA-256: use an RSA_DECRYPT_OAEP_{2048,3072,4096}_SHA256 version, or a symmetric key named without "
+                "/cryptoKeyVersions/",
+                transient=False,
             )
         try:
             self._public_key = load_rsa_public_key(pem.encode())
         except ValueError as exc:
-            raise ConfigurationError(f"{self.uri}: {exc}") from None
+            raise KeyServiceError(self.uri, f"GetPublicKey: unusable public key: {exc}", transient=False) from None
         return self._public_key
 
     def _call(self, action: str, fn: Callable[[], _T], *, message_data: bool) -> _T:
@@ -188,7 +213,7 @@ class GcpKmsProvider(KeyProvider):
         def classify(exc: Exception) -> Failure | None:
             return _classify(exc, message_data)
 
-        return call(self.uri, action, fn, classify)
+        return call(self.uri, action, fn, classify, self.retry_policy)
 
 
 def _classify(exc: Exception, message_data: bool) -> Failure | None:

@@ -3,7 +3,7 @@
 Key URIs: ``SCHEME://KEY[?public_key=fetch|/abs/path.pem[&key_version=N]]``.
 The query only says how a producer wraps; it is not part of the key's
 identity, so a producer's ``aws-kms://alias/a?public_key=fetch`` and a
-worker's ``aws-kms://alias/a`` name the same key (same wire fingerprint).
+worker's ``aws-kms://alias/a`` name the same key (``key_fingerprint`` ignores it).
 
 Wrapped-key field: one format byte, then the service's bytes. The byte says
 how the data key was wrapped, so a worker unwraps any message without
@@ -45,9 +45,8 @@ FETCH = "fetch"
 
 @dataclass(frozen=True)
 class KeyUri:
-    """A parsed key URI: ``identity`` (the URI without its query), ``key`` (what follows ``SCHEME://``) and parameters."""
+    """A parsed key URI: ``key`` (what follows ``SCHEME://``, without the query) and the query's parameters."""
 
-    identity: str
     key: str
     public_key: str | None = None
     key_version: int | None = None
@@ -73,7 +72,7 @@ def parse_key_uri(uri: str, scheme: str, example: str, allowed: tuple[str, ...] 
     version = params.get("key_version")
     if version is not None and not (version.isdigit() and int(version) > 0):
         raise ValueError(f"{uri!r}: key_version must be a positive integer, not {version!r}")
-    return KeyUri(identity, key, public_key, int(version) if version else None)
+    return KeyUri(key, public_key, int(version) if version else None)
 
 
 def tag_wrapped(tag: int, wrapped: bytes) -> bytes:

@@ -24,8 +24,9 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ..errors import InvalidEnvelope, KeyServiceError
 
@@ -80,7 +81,9 @@ class RetryPolicy:
 DEFAULT_POLICY = RetryPolicy()
 
 
-def call(key_uri: str, action: str, fn: Callable[[], _T], classify: Classify, policy: RetryPolicy = DEFAULT_POLICY) -> _T:
+def call(
+    key_uri: str, action: str, fn: Callable[[], _T], classify: Classify, policy: RetryPolicy = DEFAULT_POLICY
+) -> _T:
     """Run ``fn`` (one request named ``action``, e.g. 'Decrypt') against the key service of ``key_uri``."""
     start = time.monotonic()
     attempt = 0

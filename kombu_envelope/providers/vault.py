@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Callable
+import re
+from collections.abc import Callable
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from ..crypto import load_rsa_public_key, rsa_oaep_wrap
 from ..errors import KeyServiceError
 from ..wire import canonical_context
-from . import Context, KeyProvider, key_fingerprint
+from . import Context, KeyProvider
 from .remote import (
     FETCH,
     WRAPPED_BY_SERVICE,
@@ -57,6 +59,24 @@ EXAMPLE = "vault://transit/keys/NAME (vault://MOUNT/keys/NAME)"
 _INVALID_MARKERS = ("message authentication failed", "invalid ciphertext")
 # ... and 500 for a failed RSA decryption, which no retry can fix.
 _RSA_DECRYPT_FAILED = "failed to RSA decrypt"
+_MULTIERROR_PREFIX = re.compile(r"^\d+ errors? occurred:\s*\*\s*")
+# Transit's encrypt creates a missing key ("upsert") when the token may create, so a mistyped URI would
+# silently make a new key. It reads ``type`` only when it is about to create one, and refuses a type it
+# does not know: this one makes encrypt refuse a missing key and changes nothing for an existing key.
+_NO_UPSERT_TYPE = "kombu-envelope-never-creates-keys"
+# hvac raises one exception class per HTTP status; errors show the status.
+_STATUS = {
+    hvac.exceptions.InvalidRequest: "400",
+    hvac.exceptions.Unauthorized: "401",
+    hvac.exceptions.Forbidden: "403",
+    hvac.exceptions.InvalidPath: "404",
+    hvac.exceptions.PreconditionFailed: "412",
+    hvac.exceptions.RateLimitExceeded: "429",
+    hvac.exceptions.InternalServerError: "500",
+    hvac.exceptions.VaultNotInitialized: "501",
+    hvac.exceptions.BadGateway: "502",
+    hvac.exceptions.VaultDown: "503",
+}
 
 
 def _env(name: str) -> str | None:
@@ -67,7 +87,11 @@ def _env(name: str) -> str | None:
 def classify(exc: Exception) -> Failure | None:
     """Map an hvac/requests exception to a Failure (see ``retry``)."""
     if isinstance(exc, hvac.exceptions.VaultError):
-        reason = str(exc.args[0]).strip() if exc.args and exc.args[0] else type(exc).__name__
+        reason = _one_line(str(exc.args[0])) if exc.args and exc.args[0] else type(exc).__name__
+        if _NO_UPSERT_TYPE in reason:
+            return Failure(
+                Kind.REFUSED, "HTTP 400: encryption key not found (kombu-envelope never lets Transit create it)"
+            )
         if isinstance(exc, hvac.exceptions.InvalidRequest) and any(m in reason for m in _INVALID_MARKERS):
             return Failure(Kind.INVALID, reason + " (the wrapped key was altered, or the encryption context differs)")
         if _RSA_DECRYPT_FAILED in reason:
@@ -85,27 +109,22 @@ def classify(exc: Exception) -> Failure | None:
         ):
             return Failure(Kind.TRANSIENT, f"HTTP {_status(exc)}: {reason}")
         if isinstance(exc, hvac.exceptions.Forbidden):
-            reason += " (the token, or its policy, does not allow this path: see docs/key-services.md)"
+            reason += (
+                " (the token's policy does not allow this path, or the key does not exist: see docs/key-services.md)"
+            )
         return Failure(Kind.REFUSED, f"HTTP {_status(exc)}: {reason}")
     if isinstance(exc, requests.exceptions.RequestException):  # refused, reset, timed out, TLS
         return Failure(Kind.TRANSIENT, f"{type(exc).__name__}: {exc}")
     return None
 
 
+def _one_line(text: str) -> str:
+    """Vault's errors, for one log line: "1 error occurred:\\n\\t* permission denied\\n\\n" -> "permission denied"."""
+    return " ".join(_MULTIERROR_PREFIX.sub("", text.strip()).split())
+
+
 def _status(exc: hvac.exceptions.VaultError) -> str:
-    codes = {
-        hvac.exceptions.InvalidRequest: "400",
-        hvac.exceptions.Unauthorized: "401",
-        hvac.exceptions.Forbidden: "403",
-        hvac.exceptions.InvalidPath: "404",
-        hvac.exceptions.PreconditionFailed: "412",
-        hvac.exceptions.RateLimitExceeded: "429",
-        hvac.exceptions.InternalServerError: "500",
-        hvac.exceptions.VaultNotInitialized: "501",
-        hvac.exceptions.BadGateway: "502",
-        hvac.exceptions.VaultDown: "503",
-    }
-    return codes.get(type(exc), "error")
+    return _STATUS.get(type(exc), "error")
 
 
 def _b64(data: bytes) -> str:
@@ -123,7 +142,6 @@ class VaultTransitProvider(KeyProvider):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         parsed = parse_key_uri(uri, self.scheme, EXAMPLE, allowed=("public_key", "key_version"))
-        self.fingerprint = key_fingerprint(parsed.identity)
         mount, sep, name = parsed.key.rpartition("/keys/")
         mount = mount.strip("/")
         if not sep or not mount or not name or "/" in name:
@@ -212,13 +230,19 @@ class VaultTransitProvider(KeyProvider):
         try:
             return load_rsa_public_key(data["keys"][str(version)]["public_key"].encode()), version
         except (KeyError, ValueError) as exc:
-            raise KeyServiceError(self.uri, f"unusable public key for version {version}: {exc}", transient=False) from None
+            raise KeyServiceError(
+                self.uri, f"unusable public key for version {version}: {exc}", transient=False
+            ) from None
 
     def _encrypt(self, plaintext: bytes, context: Context) -> bytes:
         data = self._call(
             "encrypt",
             lambda t: t.encrypt_data(
-                self.name, _b64(plaintext), associated_data=self._associated_data(context), mount_point=self.mount
+                self.name,
+                _b64(plaintext),
+                associated_data=self._associated_data(context),
+                type=_NO_UPSERT_TYPE,
+                mount_point=self.mount,
             ),
         )
         return data["ciphertext"].encode("ascii")  # type: ignore[no-any-return]
@@ -227,7 +251,9 @@ class VaultTransitProvider(KeyProvider):
         text = ciphertext.decode("ascii", "replace")
         data = self._call(
             "decrypt",
-            lambda t: t.decrypt_data(self.name, text, associated_data=self._associated_data(context), mount_point=self.mount),
+            lambda t: t.decrypt_data(
+                self.name, text, associated_data=self._associated_data(context), mount_point=self.mount
+            ),
         )
         return base64.b64decode(data["plaintext"])
 
