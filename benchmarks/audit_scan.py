@@ -35,10 +35,18 @@ def producer(broker: str, queue: str) -> Celery:
     return app
 
 
-def fill(app: Celery, encrypted: int, plaintext: int) -> None:
+def fill(app: Celery, encrypted: int, plaintext: int) -> list[str]:
+    """Send the messages; their task ids in order."""
     with app.producer_or_acquire() as pool_producer:
-        for i in range(encrypted + plaintext):
-            app.send_task("bench.task", args=("4111-1111-1111-1111", i), serializer="json" if i >= encrypted else None, producer=pool_producer)
+        return [
+            app.send_task(
+                "bench.task",
+                args=("4111-1111-1111-1111", i),
+                serializer="json" if i >= encrypted else None,
+                producer=pool_producer,
+            ).id
+            for i in range(encrypted + plaintext)
+        ]
 
 
 def timed_audit(broker: str, queue: str) -> tuple[float, tuple[int, int, int]]:
@@ -65,21 +73,29 @@ def bench_redis(url: str, messages: int) -> None:
     assert counts == (half, messages - half, 0), counts
     assert client.lrange(queue, 0, -1) == before
     client.delete(queue)
-    print(f"redis    {messages:>7} messages  {elapsed:6.2f} s  {messages / elapsed:>9,.0f} msg/s  counts {counts}  queue unchanged")
+    print(
+        f"redis    {messages:>7} messages  {elapsed:6.2f} s  {messages / elapsed:>9,.0f} msg/s  counts {counts}  queue unchanged"
+    )
 
 
 def bench_amqp(url: str, messages: int) -> None:
     queue = "bench-audit-" + uuid.uuid4().hex[:8]
     app = producer(url, queue)
     half = messages // 2
-    fill(app, half, messages - half)
+    sent = fill(app, half, messages - half)
     try:
         elapsed, counts = timed_audit(url, queue)
         assert counts == (half, messages - half, 0), counts
         with Connection(url) as conn:
-            _, waiting, _ = conn.default_channel.queue_declare(queue, passive=True)
-        assert waiting == messages, waiting
-        print(f"rabbitmq {messages:>7} messages  {elapsed:6.2f} s  {messages / elapsed:>9,.0f} msg/s  counts {counts}  all {waiting} still queued")
+            channel = conn.default_channel
+            _, waiting, _ = channel.queue_declare(queue, passive=True)
+            drained = []
+            while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                drained.append(message.headers["id"])
+        assert waiting == messages and drained == sent, (waiting, len(drained))
+        print(
+            f"rabbitmq {messages:>7} messages  {elapsed:6.2f} s  {messages / elapsed:>9,.0f} msg/s  counts {counts}  all still queued, in order"
+        )
     finally:
         with Connection(url) as conn:
             conn.default_channel.queue_delete(queue)
@@ -89,7 +105,9 @@ def bench_amqp(url: str, messages: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20000, help="Redis queue size")
-    parser.add_argument("--amqp-messages", type=int, nargs="+", default=[2000, 5000, 10000], help="RabbitMQ queue sizes")
+    parser.add_argument(
+        "--amqp-messages", type=int, nargs="+", default=[2000, 5000, 10000], help="RabbitMQ queue sizes"
+    )
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13"))
     parser.add_argument("--amqp", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
     args = parser.parse_args()

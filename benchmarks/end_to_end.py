@@ -8,15 +8,19 @@ on both alike. A round publishes --tasks ``echo(*args, **kwargs)`` tasks whose
 arguments are a Celery body of --size bytes (``bodies.celery_body``; the task
 returns them, so results are as large as arguments) and ends when the result
 backend holds every result. Reported per serializer: the median over rounds of
-tasks/s from the first publish to the last stored result, and of the publish
-rate alone; and envelope / json.
+tasks/s from the first publish to the last stored result, of the publish rate
+alone, and of CPU time per task (the worker's processes, read from /proc, and
+the producer's); and envelope / json as the median of the ratios of the
+json and envelope rounds run back to back, which a machine whose load changes
+from minute to minute (other jobs on it) moves far less than separate medians.
+CPU time per task is the figure least disturbed by other load.
 
 Every task is encoded once by the producer, decoded twice by the worker (the
 MainProcess and the pool child) and its result encoded once by the child, so
 the serializer's cost appears four times per task.
 
-Run:  python benchmarks/end_to_end.py                  (about 1 minute on 2 cores)
-      python benchmarks/end_to_end.py --tasks 5000 --rounds 6
+Run:  python benchmarks/end_to_end.py                  (about 2 minutes on 2 cores)
+      python benchmarks/end_to_end.py --tasks 3000 --rounds 10
 Uses REDIS_URL if it answers, else starts a private redis-server; the Redis db
 is KOMBU_ENVELOPE_TEST_REDIS_DB (default 13) or --db, flushed before and after.
 """
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,18 @@ from tests import servers  # noqa: E402
 
 MARK = "end_to_end"
 TARGET = 0.97
+SERIALIZERS = ("json", "envelope")
+
+
+@dataclass
+class Round:
+    """One round of one serializer."""
+
+    serializer: str
+    tasks_per_s: float
+    published_per_s: float
+    worker_cpu_us: float  # per task, worker MainProcess and pool children
+    producer_cpu_us: float  # per task, this process while publishing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,35 +71,41 @@ def main(argv: list[str] | None = None) -> int:
     body = celery_body(args.size)
     try:
         with tempfile.TemporaryDirectory(prefix="kombu-envelope-e2e-") as tmp:
-            rates = measure(Path(tmp), db_url, body, args)
+            rounds = measure(Path(tmp), db_url, body, args)
     finally:
         servers.flush_redis_db(db_url)
         if private_redis is not None:
             private_redis.close()
-    report = Report(rates, args)
+    report = Report(rounds, args)
     print(report.text())
     out = Path(args.out_dir) if args.out_dir else ROOT / "docs"
     out.mkdir(parents=True, exist_ok=True)
-    write_section(out / "performance.md", MARK, report.markdown())
+    write_section(out / "performance.md", MARK if args.redact else f"{MARK}_without_redaction", report.markdown())
     print(f"wrote {out / 'performance.md'}")
-    return 1 if args.check and report.ratio() < TARGET else 0
+    return 1 if args.check and report.paired_ratio("tasks_per_s") < TARGET else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, default=2000, help="tasks per round")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per serializer")
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks per round")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per serializer")
     parser.add_argument("--size", type=int, default=1024, help="Kombu json size of each task's body in bytes")
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
     parser.add_argument("--redis-url", help="Redis base URL (default: REDIS_URL, else a private redis-server)")
     parser.add_argument("--db", type=int, help="Redis db to use (flushed); default KOMBU_ENVELOPE_TEST_REDIS_DB or 13")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one round may take")
     parser.add_argument("--out-dir", help="where performance.md goes (default: docs/)")
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if envelope / json < {TARGET}")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if envelope / json tasks/s < {TARGET}")
+    parser.add_argument(
+        "--no-redact",
+        dest="redact",
+        action="store_false",
+        help="envelope_redact_headers=False: measure the serializer alone, without the saferepr calls redaction saves",
+    )
     return parser.parse_args(argv)
 
 
-def app_config(serializer: str, db_url: str, queue: str, key_uri: str) -> dict[str, Any]:
+def app_config(serializer: str, db_url: str, queue: str, key_uri: str, redact: bool) -> dict[str, Any]:
     return {
         "broker_url": db_url,
         "result_backend": db_url,
@@ -92,11 +115,12 @@ def app_config(serializer: str, db_url: str, queue: str, key_uri: str) -> dict[s
         "task_default_queue": queue,
         # Both apps carry it: in a process with several apps the serializer reads the current one's settings.
         "envelope_key_uri": key_uri,
+        "envelope_redact_headers": redact,
     }
 
 
-def measure(tmp: Path, db_url: str, body: Any, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
-    """Per serializer: (tasks/s end to end, tasks/s published) of each round."""
+def measure(tmp: Path, db_url: str, body: Any, args: argparse.Namespace) -> list[Round]:
+    """Every round, in the order run: json and envelope alternately, ABBA."""
     import redis
 
     from kombu_envelope.providers.local import write_key_file
@@ -104,60 +128,81 @@ def measure(tmp: Path, db_url: str, body: Any, args: argparse.Namespace) -> dict
     key = tmp / "bench.key"
     write_key_file(str(key))
     run_id = uuid.uuid4().hex[:8]
-    apps, workers = {}, []
-    for serializer in ("json", "envelope"):
+    apps, workers = {}, {}
+    for serializer in SERIALIZERS:
         name = f"bench_{serializer}_{run_id}"
-        servers.write_app_module(tmp, name, app_config(serializer, db_url, f"q-{name}", f"local://{key}"))
-        workers.append(servers.CeleryWorker(tmp, name, concurrency=args.concurrency, log_dir=tmp))
+        servers.write_app_module(tmp, name, app_config(serializer, db_url, f"q-{name}", f"local://{key}", args.redact))
+        workers[serializer] = servers.CeleryWorker(tmp, name, concurrency=args.concurrency, log_dir=tmp)
         apps[serializer] = servers.import_app_module(tmp, name)
     client = redis.Redis.from_url(db_url)
-    rates: dict[str, list[tuple[float, float]]] = {"json": [], "envelope": []}
+    rounds: list[Round] = []
     try:
-        for worker in workers:
+        for worker in workers.values():
             worker.start()
-        for serializer, module in apps.items():  # warm-up: data keys, connections, pool children
-            run_round(module, client, body[0], body[1], min(args.tasks, 50), args.timeout)
+        for serializer in SERIALIZERS:  # warm-up: data keys, connections, pool children
+            run_round(serializer, apps[serializer], workers[serializer], client, body, min(args.tasks, 50), args.timeout)
         for r in range(args.rounds):
-            order = ("json", "envelope") if r % 2 == 0 else ("envelope", "json")
-            for serializer in order:
-                rates[serializer].append(run_round(apps[serializer], client, body[0], body[1], args.tasks, args.timeout))
-                print(f"round {r + 1} {serializer}: {rates[serializer][-1][0]:.0f} tasks/s", flush=True)
+            for serializer in SERIALIZERS if r % 2 == 0 else reversed(SERIALIZERS):
+                rounds.append(run_round(serializer, apps[serializer], workers[serializer], client, body, args.tasks, args.timeout))
+                print(
+                    f"round {r + 1} {serializer}: {rounds[-1].tasks_per_s:.0f} tasks/s, "
+                    f"worker {rounds[-1].worker_cpu_us:.0f} us CPU/task",
+                    flush=True,
+                )
     finally:
-        for worker in workers:
+        for worker in workers.values():
             worker.stop()
         client.close()
-    return rates
+    return rounds
 
 
-def run_round(module: Any, client: Any, args: list[Any], kwargs: dict[str, Any], tasks: int, timeout: float) -> tuple[float, float]:
-    """Publish ``tasks`` echo tasks and wait for all their results: (tasks/s overall, tasks/s publishing)."""
+def run_round(serializer: str, module: Any, worker: Any, client: Any, body: Any, tasks: int, timeout: float) -> Round:
+    """Publish ``tasks`` echo tasks and wait until the backend holds all their results."""
     stale = client.keys("celery-task-meta-*")
     if stale:
         client.delete(*stale)
-    echo = module.echo
+    echo, args, kwargs = module.echo, body[0], body[1]
+    worker_cpu = _cpu_seconds([worker.pid, *worker.child_pids()])
+    producer_cpu = time.process_time()
     started = time.perf_counter()
     for _ in range(tasks):
         echo.apply_async(args, kwargs)
     published = time.perf_counter()
+    producer_cpu = time.process_time() - producer_cpu
     deadline = started + timeout
     while len(client.keys("celery-task-meta-*")) < tasks:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{tasks} results not stored in {timeout} s; see the worker logs")
         time.sleep(0.01)
     finished = time.perf_counter()
-    return tasks / (finished - started), tasks / (published - started)
+    worker_cpu = _cpu_seconds([worker.pid, *worker.child_pids()]) - worker_cpu
+    return Round(serializer, tasks / (finished - started), tasks / (published - started), worker_cpu / tasks * 1e6, producer_cpu / tasks * 1e6)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (Linux /proc; pool children persist between rounds)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Report:
-    def __init__(self, rates: dict[str, list[tuple[float, float]]], args: argparse.Namespace) -> None:
-        self.rates = rates
+    def __init__(self, rounds: list[Round], args: argparse.Namespace) -> None:
+        self.rounds = rounds
         self.args = args
 
-    def median(self, serializer: str, which: int = 0) -> float:
-        return statistics.median(r[which] for r in self.rates[serializer])
+    def of(self, serializer: str) -> list[Round]:
+        return [r for r in self.rounds if r.serializer == serializer]
 
-    def ratio(self, which: int = 0) -> float:
-        return self.median("envelope", which) / self.median("json", which)
+    def median(self, serializer: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in self.of(serializer))
+
+    def paired_ratio(self, field: str) -> float:
+        """Median over round pairs of envelope / json (pairs run back to back)."""
+        return statistics.median(getattr(e, field) / getattr(j, field) for j, e in zip(self.of("json"), self.of("envelope")))
 
     def environment(self) -> str:
         import celery
@@ -170,17 +215,28 @@ class Report:
         )
 
     def rows(self) -> list[str]:
-        lines = ["| serializer | tasks/s end to end (median) | rounds | tasks/s publishing (median) |", "|---|---|---|---|"]
-        for serializer in ("json", "envelope"):
-            rounds = ", ".join(f"{r[0]:.0f}" for r in self.rates[serializer])
-            lines.append(f"| {serializer} | {self.median(serializer):.0f} | {rounds} | {self.median(serializer, 1):.0f} |")
+        lines = [
+            "| serializer | tasks/s end to end | each round | tasks/s publishing | worker CPU µs/task | producer CPU µs/task |",
+            "|---|---|---|---|---|---|",
+        ]
+        for serializer in SERIALIZERS:
+            each = ", ".join(f"{r.tasks_per_s:.0f}" for r in self.of(serializer))
+            lines.append(
+                f"| {serializer} | {self.median(serializer, 'tasks_per_s'):.0f} | {each} | "
+                f"{self.median(serializer, 'published_per_s'):.0f} | {self.median(serializer, 'worker_cpu_us'):.0f} | "
+                f"{self.median(serializer, 'producer_cpu_us'):.0f} |"
+            )
+        lines.append(
+            f"| envelope / json (paired) | {self.paired_ratio('tasks_per_s'):.3f} | | {self.paired_ratio('published_per_s'):.3f} | "
+            f"{self.paired_ratio('worker_cpu_us'):.3f} | {self.paired_ratio('producer_cpu_us'):.3f} |"
+        )
         return lines
 
     def verdict(self) -> str:
-        ok = self.ratio() >= TARGET
+        ratio = self.paired_ratio("tasks_per_s")
         return (
-            f"envelope / json: {self.ratio():.3f} end to end, {self.ratio(1):.3f} publishing "
-            f"(target >= {TARGET}: {'met' if ok else 'MISSED'})"
+            f"envelope / json: {ratio:.3f} tasks/s end to end (target >= {TARGET}: {'met' if ratio >= TARGET else 'MISSED'}); "
+            f"worker CPU per task {self.paired_ratio('worker_cpu_us'):.3f}, producer CPU per task {self.paired_ratio('producer_cpu_us'):.3f}"
         )
 
     def markdown(self) -> str:
@@ -188,10 +244,16 @@ class Report:
         return "\n".join(
             [
                 f"Measured by `python benchmarks/end_to_end.py --tasks {a.tasks} --rounds {a.rounds} --size {a.size} "
-                f"--concurrency {a.concurrency}` on {self.environment()}.",
+                f"--concurrency {a.concurrency}{'' if a.redact else ' --no-redact'}` on {self.environment()}.",
                 "",
                 f"Each round: {a.tasks} `echo` tasks with a {a.size}-byte body published to Redis, run by a "
-                f"`--pool=prefork -c {a.concurrency}` worker, results stored in Redis (same serializer).",
+                f"`--pool=prefork -c {a.concurrency}` worker, results stored in Redis (same serializer); "
+                "medians over rounds, ratios paired. "
+                + (
+                    "envelope_redact_headers on (the default): envelope skips Celery's saferepr of arguments and results."
+                    if a.redact
+                    else "envelope_redact_headers=False: both compute Celery's argsrepr/kwargsrepr and result reprs."
+                ),
                 "",
                 *self.rows(),
                 "",

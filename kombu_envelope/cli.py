@@ -14,6 +14,7 @@ import textwrap
 from typing import Any, Callable, Sequence
 
 from .errors import ConfigurationError, EnvelopeError
+from .queues import QueuedMessage, parse_kombu_record
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -29,7 +30,10 @@ def _keygen(args: argparse.Namespace) -> int:
     try:
         write_key_file(args.path)
     except FileExistsError:
-        print(f"kombu-envelope keygen: {args.path} exists; refusing to overwrite a key (messages under it would be lost)", file=sys.stderr)
+        print(
+            f"kombu-envelope keygen: {args.path} exists; refusing to overwrite a key (messages under it would be lost)",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote a new key to {args.path} (mode 600). Use it with: KOMBU_ENVELOPE_KEY_URI=local://{args.path}")
     print("local:// keys are for development: in production use a key service (aws-kms://, vault://, ...).")
@@ -68,10 +72,12 @@ def _broker_url(args: argparse.Namespace) -> str:
         url = _load_app(args.app).conf.broker_url
         if url:
             return str(url)
-    raise ConfigurationError("name the broker: --broker redis://localhost:6379/0 (or -A proj to use the app's broker_url)")
+    raise ConfigurationError(
+        "name the broker: --broker redis://localhost:6379/0 (or -A proj to use the app's broker_url)"
+    )
 
 
-def _read_message(args: argparse.Namespace) -> tuple[Any, str]:
+def _read_message(args: argparse.Namespace) -> tuple[QueuedMessage, str]:
     """The message named by the arguments, and where it came from."""
     from .queues import open_reader
 
@@ -84,7 +90,9 @@ def _read_message(args: argparse.Namespace) -> tuple[Any, str]:
         where = "next to be delivered" if args.index == 0 else f"{args.index} delivered before it"
         return messages[args.index], f"queue {args.queue!r}, position {args.index} ({where})"
     if args.source is None:
-        raise ConfigurationError("name a message: a FILE, - for standard input, or --queue NAME (with --broker URL or -A proj)")
+        raise ConfigurationError(
+            "name a message: a FILE, - for standard input, or --queue NAME (with --broker URL or -A proj)"
+        )
     if args.source == "-":
         data = sys.stdin.buffer.read()
     else:
@@ -96,12 +104,10 @@ def _read_message(args: argparse.Namespace) -> tuple[Any, str]:
     return _message_from_bytes(data), "standard input" if args.source == "-" else args.source
 
 
-def _message_from_bytes(data: bytes) -> Any:
+def _message_from_bytes(data: bytes) -> QueuedMessage:
     """A raw envelope body, its base64, or a Kombu message record (as Redis stores it: JSON)."""
     import base64
     import binascii
-
-    from .queues import QueuedMessage, parse_kombu_record
 
     if data.lstrip().startswith(b"{"):
         message = parse_kombu_record(data)
@@ -116,7 +122,7 @@ def _message_from_bytes(data: bytes) -> Any:
     return QueuedMessage(0, ENVELOPE_CONTENT_TYPE, "binary", data)
 
 
-def _headers_of_note(message: Any) -> dict[str, Any]:
+def _headers_of_note(message: QueuedMessage) -> dict[str, Any]:
     """The Celery headers that stay in plaintext and say what a task is (and whether arguments leak)."""
     return {k: message.headers[k] for k in ("task", "id", "argsrepr", "kwargsrepr") if k in message.headers}
 
@@ -138,7 +144,11 @@ def _inspect(args: argparse.Namespace) -> int:
         settings = _settings(args)
     except ConfigurationError as exc:  # inspecting needs no settings: only names keys with them
         settings, note = None, f"settings not loaded ({exc}); key URIs not shown"
-    result: dict[str, Any] = {"message": where, "content_type": message.content_type, "headers": _headers_of_note(message)}
+    result: dict[str, Any] = {
+        "message": where,
+        "content_type": message.content_type,
+        "headers": _headers_of_note(message),
+    }
     if message.content_type != ENVELOPE_CONTENT_TYPE:
         result["error"] = f"not an envelope message: content type {message.content_type!r} (plaintext)"
     else:
@@ -169,7 +179,12 @@ def _print_inspection(result: dict[str, Any], note: str | None) -> None:
         ]
         for i, key in enumerate(result["wrapped_keys"], 1):
             named = f"{key['key_uri']} ({key['setting']})" if key["key_uri"] else "not a configured key"
-            rows.append((f"  key {i}", f"{key['scheme']} fingerprint {key['fingerprint']}, {key['wrapped_size']}-byte wrapped key: {named}"))
+            rows.append(
+                (
+                    f"  key {i}",
+                    f"{key['scheme']} fingerprint {key['fingerprint']}, {key['wrapped_size']}-byte wrapped key: {named}",
+                )
+            )
         sizes = result["sizes"]
         if sizes["nonce"]:
             parts = f" = header {sizes['header']} + nonce {sizes['nonce']} + ciphertext {sizes['ciphertext']} + tag {sizes['tag']}"
@@ -188,7 +203,10 @@ def _decrypt(args: argparse.Namespace) -> int:
 
     message, where = _read_message(args)
     if message.content_type != ENVELOPE_CONTENT_TYPE:
-        print(f"kombu-envelope decrypt: {where} is not an envelope message (content type {message.content_type!r})", file=sys.stderr)
+        print(
+            f"kombu-envelope decrypt: {where} is not an envelope message (content type {message.content_type!r})",
+            file=sys.stderr,
+        )
         return 1
     codec = EnvelopeCodec.from_settings(_settings(args))
     _print_json(codec.decode(message.body))
@@ -229,7 +247,9 @@ def _audit_queues(args: argparse.Namespace, reader: Any, settings: Any) -> list[
             names.append(settings.dead_letter_queue)
     names = names or reader.queues()
     if not names:
-        raise ConfigurationError("no queue to audit: name them with --queue NAME (AMQP brokers cannot list their queues)")
+        raise ConfigurationError(
+            "no queue to audit: name them with --queue NAME (AMQP brokers cannot list their queues)"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -265,7 +285,11 @@ def _print_audit(reports: list[Any], missing: list[str]) -> None:
     print(f"{'queue':<{width}}{'messages':>10}{'encrypted':>11}{'plaintext':>11}{'undecodable':>13}")
     for r in reports:
         print(f"{r.queue:<{width}}{r.messages:>10}{r.encrypted:>11}{r.plaintext:>11}{r.undecodable:>13}")
-        for label, counts in (("plaintext", r.plaintext_content_types), ("undecodable", r.undecodable_reasons), ("key", r.keys)):
+        for label, counts in (
+            ("plaintext", r.plaintext_content_types),
+            ("undecodable", r.undecodable_reasons),
+            ("key", r.keys),
+        ):
             for what, n in counts.most_common():
                 print(f"    {label}: {what}: {n}")
     for queue in missing:
@@ -273,7 +297,9 @@ def _print_audit(reports: list[Any], missing: list[str]) -> None:
     totals = [sum(getattr(r, k) for r in reports) for k in ("messages", "encrypted", "plaintext", "undecodable")]
     print(f"{'total':<{width}}{totals[0]:>10}{totals[1]:>11}{totals[2]:>11}{totals[3]:>13}")
     if totals[2] or totals[3]:
-        print(f"found {totals[2]} plaintext and {totals[3]} undecodable message(s); every message is still in its queue")
+        print(
+            f"found {totals[2]} plaintext and {totals[3]} undecodable message(s); every message is still in its queue"
+        )
     else:
         print(f"all {totals[0]} message(s) are encrypted; every message is still in its queue")
 
@@ -282,22 +308,49 @@ def _print_audit(reports: list[Any], missing: list[str]) -> None:
 
 
 def _add_app(p: argparse.ArgumentParser, required: bool = False, why: str = "") -> None:
-    p.add_argument("-A", "--app", required=required, metavar="APP", help=f"the Celery app, as for `celery -A` (e.g. proj or proj.celery:app){why}")
+    p.add_argument(
+        "-A",
+        "--app",
+        required=required,
+        metavar="APP",
+        help=f"the Celery app, as for `celery -A` (e.g. proj or proj.celery:app){why}",
+    )
 
 
 def _add_message_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", nargs="?", metavar="FILE", help="a message: raw envelope bytes, their base64, or a Kombu JSON record; - for stdin")
-    p.add_argument("--broker", metavar="URL", help="read the message from this broker (redis://..., amqp://...) instead of a file")
+    p.add_argument(
+        "source",
+        nargs="?",
+        metavar="FILE",
+        help="a message: raw envelope bytes, their base64, or a Kombu JSON record; - for stdin",
+    )
+    p.add_argument(
+        "--broker", metavar="URL", help="read the message from this broker (redis://..., amqp://...) instead of a file"
+    )
     p.add_argument("--queue", metavar="NAME", help="the queue to read from; the message stays in it")
-    p.add_argument("--index", type=int, default=0, metavar="N", help="which message: 0 (default) is the next to be delivered")
+    p.add_argument(
+        "--index", type=int, default=0, metavar="N", help="which message: 0 (default) is the next to be delivered"
+    )
 
 
 _EXAMPLES = {
-    "inspect": "examples:\n  kombu-envelope inspect --broker redis://localhost:6379/0 --queue celery\n  kombu-envelope inspect message.bin\n  redis-cli LINDEX celery -1 | kombu-envelope inspect -",
-    "decrypt": "examples:\n  kombu-envelope decrypt -A proj --queue celery\n  KOMBU_ENVELOPE_KEY_URI=aws-kms://alias/orders kombu-envelope decrypt message.bin",
-    "doctor": "example:\n  kombu-envelope doctor -A proj\n\nexit status: 0 no errors, 1 errors found (or warnings, with --strict), 2 could not run",
-    "audit": "examples:\n  kombu-envelope audit --broker redis://localhost:6379/0\n  kombu-envelope audit -A proj\n  kombu-envelope audit --broker amqp://guest:guest@localhost:5672// --queue celery --queue orders\n\n"
-    "exit status: 0 every message is encrypted, 1 plaintext or undecodable messages found, 2 could not run",
+    "inspect": """examples:
+  kombu-envelope inspect --broker redis://localhost:6379/0 --queue celery
+  kombu-envelope inspect message.bin
+  redis-cli --raw LINDEX celery -1 | kombu-envelope inspect -""",
+    "decrypt": """examples:
+  kombu-envelope decrypt -A proj --queue celery
+  KOMBU_ENVELOPE_KEY_URI=aws-kms://alias/orders kombu-envelope decrypt message.bin""",
+    "doctor": """example:
+  kombu-envelope doctor -A proj
+
+exit status: 0 no errors, 1 errors found (or warnings, with --strict), 2 could not run""",
+    "audit": """examples:
+  kombu-envelope audit --broker redis://localhost:6379/0
+  kombu-envelope audit -A proj
+  kombu-envelope audit --broker amqp://guest:guest@localhost:5672// --queue celery --queue orders
+
+exit status: 0 every message is encrypted, 1 plaintext or undecodable messages found, 2 could not run""",
 }
 
 
@@ -310,15 +363,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Command, help: str, description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help, description=textwrap.fill(description, 79), epilog=_EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=help,
+            description=textwrap.fill(description, 79),
+            epilog=_EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(run=run)
         return p
 
-    p = command("keygen", _keygen, "create a local:// key file (development only)", "Create a local:// key file, readable only by its owner.")
+    p = command(
+        "keygen",
+        _keygen,
+        "create a local:// key file (development only)",
+        "Create a local:// key file, readable only by its owner.",
+    )
     p.add_argument("path", help="where to write the key; must not exist")
 
-    command("demo", _demo, "run the end-to-end demo in memory, no servers needed", "Send, store and run encrypted tasks in one process.")
+    command(
+        "demo",
+        _demo,
+        "run the end-to-end demo in memory, no servers needed",
+        "Send, store and run encrypted tasks in one process.",
+    )
 
     p = command(
         "inspect",
@@ -361,11 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
         "and its dead-letter queue, else (Redis) every queue Kombu has bound.",
     )
     _add_app(p, why="; its broker, queues and key URIs")
-    p.add_argument("--broker", metavar="URL", help="redis://..., rediss://..., amqp://... (default: the app's broker_url)")
+    p.add_argument(
+        "--broker", metavar="URL", help="redis://..., rediss://..., amqp://... (default: the app's broker_url)"
+    )
     p.add_argument("--queue", action="append", metavar="NAME", help="a queue to scan; repeat for several")
     p.add_argument("--limit", type=int, metavar="N", help="scan at most N messages per queue")
-    p.add_argument("--decrypt", action="store_true", help="also decrypt each envelope (needs key access): forged ones count as undecodable")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="also decrypt each envelope (needs key access): forged ones count as undecodable",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

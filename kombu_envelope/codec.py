@@ -9,6 +9,7 @@ the key service named by the header's fingerprint on a miss), decrypt, parse.
 from __future__ import annotations
 
 import hashlib
+import threading
 from time import monotonic as _monotonic
 from typing import Any, Mapping, Sequence
 
@@ -69,6 +70,7 @@ class EnvelopeCodec:
         ).digest()[:16]
         # Decryption fast path: header bytes -> (cipher, expiry), for headers this codec has verified.
         self._ciphers: dict[bytes, tuple[AESGCM, float]] = {}
+        self._ciphers_lock = threading.Lock()
         # The last of them used: (header, cipher, expiry); the empty header has expired.
         self._recent: tuple[bytes, AESGCM | None, float] = (b"", None, float("-inf"))
 
@@ -171,10 +173,14 @@ class EnvelopeCodec:
         """The cipher of a header seen for the first time (context checked, key unwrapped) and its expiry."""
         self._check_context(parsed)
         data_key = self._cache.unwrapped_key(header, self._limits, lambda: self._unwrap(parsed))
-        ciphers = self._ciphers
-        while len(ciphers) >= self._limits.decrypt_capacity:
-            ciphers.pop(next(iter(ciphers)))
-        entry = ciphers[header] = (AESGCM(data_key), _monotonic() + self._limits.decrypt_ttl)
+        entry = (AESGCM(data_key), _monotonic() + self._limits.decrypt_ttl)
+        # Misses are rare; the lock keeps concurrent evictions (Celery's thread pool,
+        # the consumer's decrypting thread) from iterating a dict another thread changes.
+        with self._ciphers_lock:
+            ciphers = self._ciphers
+            while len(ciphers) >= self._limits.decrypt_capacity:
+                ciphers.pop(next(iter(ciphers)))
+            ciphers[header] = entry
         return entry
 
     def _check_context(self, parsed: wire.Header) -> None:

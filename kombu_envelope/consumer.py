@@ -46,9 +46,10 @@ import hashlib
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 from billiard.einfo import ExceptionWithTraceback
 from celery import signals
@@ -65,14 +66,14 @@ from .errors import ConfigurationError, EnvelopeError, InvalidEnvelope, KeyServi
 from .serializer import CONTENT_TYPE, codec_for_app
 
 __all__ = [
-    "EnvelopeConsumer",
-    "refusal_reason",
     "REASON_HEADER",
-    "SOURCE_HEADER",
     "REFUSED_AT_HEADER",
     "REFUSED_BY_HEADER",
     "RETRIES_HEADER",
     "RETRY_AT_HEADER",
+    "SOURCE_HEADER",
+    "EnvelopeConsumer",
+    "refusal_reason",
 ]
 
 logger = get_logger(__name__)
@@ -592,7 +593,9 @@ def _reason_text(exc: BaseException | str) -> str:
 def _data_key_id(message: Any) -> bytes:
     """The envelope header of ``message`` (names its data key), or ``_NOT_AN_ENVELOPE``."""
     body = message.body
-    if message.content_type != CONTENT_TYPE or not isinstance(body, (bytes, bytearray, memoryview)):
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if message.content_type != CONTENT_TYPE or not isinstance(body, bytes):
         return _NOT_AN_ENVELOPE
     try:
         return bytes(body[: wire.header_size(body)])

@@ -29,7 +29,10 @@ def configured_keys(settings: EnvelopeSettings | None) -> dict[tuple[int, bytes]
     found: dict[tuple[int, bytes], tuple[str, str]] = {}
     if settings is None:
         return found
-    for setting, uris in (("envelope_key_uri", settings.key_uris), ("envelope_decrypt_key_uris", settings.decrypt_key_uris)):
+    for setting, uris in (
+        ("envelope_key_uri", settings.key_uris),
+        ("envelope_decrypt_key_uris", settings.decrypt_key_uris),
+    ):
         for uri in uris:
             scheme = uri.partition("://")[0]
             if scheme in PROVIDER_IDS:
@@ -73,7 +76,13 @@ class Description:
             "compression": self.compression,
             "encryption_context": self.context,
             "wrapped_keys": [
-                {"scheme": k.scheme, "fingerprint": k.fingerprint, "wrapped_size": k.wrapped_size, "key_uri": k.uri, "setting": k.setting}
+                {
+                    "scheme": k.scheme,
+                    "fingerprint": k.fingerprint,
+                    "wrapped_size": k.wrapped_size,
+                    "key_uri": k.uri,
+                    "setting": k.setting,
+                }
                 for k in self.keys
             ],
             "sizes": {
@@ -91,7 +100,12 @@ def describe(body: bytes, settings: EnvelopeSettings | None = None) -> Descripti
     header = wire.parse_header(body)
     known = configured_keys(settings)
     keys = tuple(
-        KeyRef(scheme_name(k.provider_id), k.fingerprint.hex(), len(k.wrapped), *known.get((k.provider_id, k.fingerprint), (None, None)))
+        KeyRef(
+            scheme_name(k.provider_id),
+            k.fingerprint.hex(),
+            len(k.wrapped),
+            *known.get((k.provider_id, k.fingerprint), (None, None)),
+        )
         for k in header.wrapped_keys
     )
     if header.algorithm == wire.ALG_AES256_GCM:

@@ -83,7 +83,10 @@ def _plugin(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
         yield Finding("plugin", OK, "the envelope serializer is registered with Kombu")
     else:
         yield Finding(
-            "plugin", ERROR, "Kombu has no 'envelope' serializer in this environment", "pip install kombu-envelope (in the environment that runs Celery)"
+            "plugin",
+            ERROR,
+            "Kombu has no 'envelope' serializer in this environment",
+            "pip install kombu-envelope (in the environment that runs Celery)",
         )
 
 
@@ -92,7 +95,12 @@ def _task_serializer(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
     if value == ENVELOPE:
         yield Finding("task_serializer", OK, "task arguments are encrypted")
     else:
-        yield Finding("task_serializer", ERROR, f"task_serializer is {value!r}: task arguments travel and wait in the broker in plaintext", "task_serializer = 'envelope'")
+        yield Finding(
+            "task_serializer",
+            ERROR,
+            f"task_serializer is {value!r}: task arguments travel and wait in the broker in plaintext",
+            "task_serializer = 'envelope'",
+        )
 
 
 def _result_serializer(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
@@ -100,7 +108,12 @@ def _result_serializer(app: Any, settings: EnvelopeSettings) -> Iterable[Finding
     if value == ENVELOPE:
         yield Finding("result_serializer", OK, "task results are encrypted")
     else:
-        yield Finding("result_serializer", ERROR, f"result_serializer is {value!r}: task results are stored in the result backend in plaintext", "result_serializer = 'envelope'")
+        yield Finding(
+            "result_serializer",
+            ERROR,
+            f"result_serializer is {value!r}: task results are stored in the result backend in plaintext",
+            "result_serializer = 'envelope'",
+        )
 
 
 def _accept_findings(setting: str, accept: Iterable[str]) -> Iterable[Finding]:
@@ -120,7 +133,9 @@ def _accept_findings(setting: str, accept: Iterable[str]) -> Iterable[Finding]:
     unsafe = sorted(name for ctype, name in UNSAFE_CONTENT_TYPES.items() if ctype in types)
     others = sorted(types - {ENVELOPE_CONTENT_TYPE} - set(UNSAFE_CONTENT_TYPES))
     if ENVELOPE_CONTENT_TYPE not in types:
-        findings.append(Finding(setting, ERROR, f"{setting} does not include 'envelope': encrypted messages are refused", fix))
+        findings.append(
+            Finding(setting, ERROR, f"{setting} does not include 'envelope': encrypted messages are refused", fix)
+        )
     if unsafe:
         message = f"{setting} allows {', '.join(unsafe)}: anyone who can write to the broker can make workers run code, encrypted or not"
         findings.append(Finding(setting, ERROR, message, fix))
@@ -171,7 +186,11 @@ def _result_extended(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
     if not app.conf.result_extended:
         yield Finding("result_extended", OK, "result_extended is off: task arguments are not stored with results")
     elif app.conf.result_serializer == ENVELOPE:
-        yield Finding("result_extended", OK, "result_extended stores task arguments with results, encrypted by the envelope result serializer")
+        yield Finding(
+            "result_extended",
+            OK,
+            "result_extended stores task arguments with results, encrypted by the envelope result serializer",
+        )
     else:
         yield Finding(
             "result_extended",
@@ -222,7 +241,12 @@ def _worker_consumer(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
         cls = symbol_by_name(value)
         envelope_consumer = symbol_by_name(ENVELOPE_CONSUMER)
     except (ImportError, AttributeError, ValueError) as exc:
-        yield Finding("worker_consumer", ERROR, f"worker_consumer {name!r} cannot be imported ({exc}): workers will not start", fix)
+        yield Finding(
+            "worker_consumer",
+            ERROR,
+            f"worker_consumer {name!r} cannot be imported ({exc}): workers will not start",
+            fix,
+        )
         return
     if isinstance(cls, type) and issubclass(cls, envelope_consumer):
         yield Finding("worker_consumer", OK, "key-service outages requeue messages; refused messages are dead-lettered")
@@ -242,19 +266,61 @@ def _cache_limits(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
     limits = settings.limits
     problems = []
     if limits.max_age > DAY:
-        problems.append(("envelope_data_key_max_age", f"is {limits.max_age:g} s: one stolen data key opens more than a day of messages", "300"))
+        problems.append(
+            (
+                "envelope_data_key_max_age",
+                f"is {limits.max_age:g} s: one stolen data key opens more than a day of messages",
+                "300",
+            )
+        )
     if limits.max_age < 10:
-        problems.append(("envelope_data_key_max_age", f"is {limits.max_age:g} s: every process calls the key service that often (cost, quota)", "300"))
+        problems.append(
+            (
+                "envelope_data_key_max_age",
+                f"is {limits.max_age:g} s: every process calls the key service that often (cost, quota)",
+                "300",
+            )
+        )
     if limits.max_messages > GCM_MAX_MESSAGES:
-        problems.append(("envelope_data_key_max_messages", f"is {limits.max_messages}: above 2**32 messages per AES-GCM key", str(1 << 24)))
+        problems.append(
+            (
+                "envelope_data_key_max_messages",
+                f"is {limits.max_messages}: above 2**32 messages per AES-GCM key",
+                str(1 << 24),
+            )
+        )
     if limits.max_bytes > GCM_MAX_BYTES:
-        problems.append(("envelope_data_key_max_bytes", f"is {limits.max_bytes}: above AES-GCM's safe 2**39 bytes per key", str(1 << 36)))
+        problems.append(
+            (
+                "envelope_data_key_max_bytes",
+                f"is {limits.max_bytes}: above AES-GCM's safe 2**39 bytes per key",
+                str(1 << 36),
+            )
+        )
     if limits.decrypt_ttl == 0:
-        problems.append(("envelope_decrypt_cache_ttl", "is 0: every message is unwrapped by the key service (latency, cost, quota)", "600"))
+        problems.append(
+            (
+                "envelope_decrypt_cache_ttl",
+                "is 0: every message is unwrapped by the key service (latency, cost, quota)",
+                "600",
+            )
+        )
     if limits.decrypt_ttl > DAY:
-        problems.append(("envelope_decrypt_cache_ttl", f"is {limits.decrypt_ttl:g} s: a key revoked in the key service keeps decrypting for more than a day", "600"))
+        problems.append(
+            (
+                "envelope_decrypt_cache_ttl",
+                f"is {limits.decrypt_ttl:g} s: a key revoked in the key service keeps decrypting for more than a day",
+                "600",
+            )
+        )
     if limits.decrypt_capacity < 16:
-        problems.append(("envelope_decrypt_cache_size", f"is {limits.decrypt_capacity}: data keys in use at once (rotation, several producers) will evict each other", "1024"))
+        problems.append(
+            (
+                "envelope_decrypt_cache_size",
+                f"is {limits.decrypt_capacity}: data keys in use at once (rotation, several producers) will evict each other",
+                "1024",
+            )
+        )
     for setting, text, good in problems:
         yield Finding("cache_limits", WARNING, f"{setting} {text}", f"{setting} = {good}")
     if not problems:
@@ -286,11 +352,17 @@ def _keys(app: Any, settings: EnvelopeSettings) -> Iterable[Finding]:
 
     if not settings.key_uris:
         yield Finding(
-            "key_uri", ERROR, "envelope_key_uri is not set: nothing can be encrypted", "envelope_key_uri = 'aws-kms://alias/orders' (or KOMBU_ENVELOPE_KEY_URI)"
+            "key_uri",
+            ERROR,
+            "envelope_key_uri is not set: nothing can be encrypted",
+            "envelope_key_uri = 'aws-kms://alias/orders' (or KOMBU_ENVELOPE_KEY_URI)",
         )
         return
     context = settings.encryption_context or {}
-    for setting, uris in (("envelope_key_uri", settings.key_uris), ("envelope_decrypt_key_uris", settings.decrypt_key_uris)):
+    for setting, uris in (
+        ("envelope_key_uri", settings.key_uris),
+        ("envelope_decrypt_key_uris", settings.decrypt_key_uris),
+    ):
         for uri in uris:
             try:
                 provider = provider_for_uri(uri, setting)
@@ -324,7 +396,12 @@ def _round_trip(provider: Any, context: dict[str, str], setting: str) -> Finding
     unwrapped = provider.unwrap_data_key(wrapped, context)
     done = time.perf_counter()
     if unwrapped != data_key:
-        return Finding("key_uri", ERROR, f"{provider.uri}: unwrapping returned a different data key", "check the key URI names one key")
+        return Finding(
+            "key_uri",
+            ERROR,
+            f"{provider.uri}: unwrapping returned a different data key",
+            "check the key URI names one key",
+        )
     return _latency_finding(provider.uri, setting, "generate", generated - started, "unwrap", done - generated)
 
 
@@ -336,14 +413,23 @@ def _round_trip_direct(provider: Any, context: dict[str, str]) -> Finding:
     plaintext = provider.decrypt(ciphertext, context)
     done = time.perf_counter()
     if plaintext != probe:
-        return Finding("key_uri", ERROR, f"{provider.uri}: decrypting returned different bytes", "check the key URI names one key")
-    return _latency_finding(provider.uri, "envelope_key_uri", "encrypt", encrypted - started, "decrypt", done - encrypted)
+        return Finding(
+            "key_uri", ERROR, f"{provider.uri}: decrypting returned different bytes", "check the key URI names one key"
+        )
+    return _latency_finding(
+        provider.uri, "envelope_key_uri", "encrypt", encrypted - started, "decrypt", done - encrypted
+    )
 
 
 def _latency_finding(uri: str, setting: str, first: str, first_s: float, second: str, second_s: float) -> Finding:
     text = f"{uri} ({setting}): {first} {first_s * 1000:.1f} ms, {second} {second_s * 1000:.1f} ms"
     if max(first_s, second_s) * 1000 > SLOW_KEY_SERVICE_MS:
-        return Finding("key_uri", WARNING, f"{text}: slow; first messages and cache misses wait this long", "use a key in the workers' own region")
+        return Finding(
+            "key_uri",
+            WARNING,
+            f"{text}: slow; first messages and cache misses wait this long",
+            "use a key in the workers' own region",
+        )
     return Finding("key_uri", OK, text)
 
 

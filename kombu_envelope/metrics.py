@@ -132,7 +132,9 @@ class _Collector:
         yield seconds
         for group, counts in host.items():
             for leaf, value in counts.items():
-                yield CounterMetricFamily(f"kombu_envelope_{group}_{leaf}", f"kombu-envelope counter {group}.{leaf}.", value=value)
+                yield CounterMetricFamily(
+                    f"kombu_envelope_{group}_{leaf}", f"kombu-envelope counter {group}.{leaf}.", value=value
+                )
         received = CounterMetricFamily(
             "kombu_envelope_received_tasks",
             "Tasks this worker received, by content type (anything but application/x-kombu-envelope is plaintext).",
@@ -142,7 +144,9 @@ class _Collector:
             received.add_metric([content_type], count)
         yield received
         yield GaugeMetricFamily(
-            "kombu_envelope_processes", "Processes whose counters are in the host totals.", value=snapshot["host_processes"]
+            "kombu_envelope_processes",
+            "Processes whose counters are in the host totals.",
+            value=snapshot["host_processes"],
         )
 
 

@@ -14,7 +14,8 @@ own ``json`` (measured in docs/performance.md):
 - the C scanner called directly, without ``json.loads``' encoding detection
   and whitespace regexes (anything unusual falls back to ``json.loads``);
 - no ``object_hook`` unless the text holds a ``"__type__"`` marker, the only
-  case where the hook can change a value.
+  case where the hook can change a value, and then Kombu's hook only for
+  dicts whose keys are exactly ``__type__`` and ``__value__``.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ def _make_encode() -> Callable[[Any], str]:
     return lambda obj: "".join(c_encode(obj, 0))
 
 
+def _object_hook(obj: dict[str, Any]) -> Any:
+    """Kombu's ``object_hook``, called only for a dict that is a marker: the same test without building a set per dict."""
+    if len(obj) == 2 and "__type__" in obj and "__value__" in obj:
+        return kombu_json.object_hook(obj)
+    return obj
+
+
 _encode = _make_encode()
 _scan_plain = json.JSONDecoder().scan_once
-_scan_typed = json.JSONDecoder(object_hook=kombu_json.object_hook).scan_once
-_object_hook = kombu_json.object_hook
+_scan_typed = json.JSONDecoder(object_hook=_object_hook).scan_once
 
 # Compressed payloads are refused beyond this size, so a small message cannot
 # expand into gigabytes in the worker (a "zip bomb").

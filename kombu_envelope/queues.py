@@ -39,6 +39,9 @@ _REDIS_BINDING_PREFIX = "_kombu.binding."
 _REDIS_CHUNK = 500
 #: Seconds without progress after which requeueing is taken as done (consumers are taking the messages).
 _REQUEUE_STALL = 3.0
+#: AMQP messages held per channel during a scan (more for long queues, to stay under this many channels).
+_AMQP_RUN = 200
+_AMQP_MAX_CHANNELS = 1000
 
 
 class BrokerError(EnvelopeError):
@@ -103,7 +106,9 @@ def parse_kombu_record(raw: bytes | str, position: int = 0) -> QueuedMessage:
             position, record.get("content-type"), record.get("content-encoding"), data, record.get("headers") or {}
         )
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-        return QueuedMessage(position, None, None, b"", {}, problem=f"not a Kombu message record ({type(exc).__name__})")
+        return QueuedMessage(
+            position, None, None, b"", {}, problem=f"not a Kombu message record ({type(exc).__name__})"
+        )
 
 
 class _RedisReader:
@@ -182,14 +187,20 @@ class _AmqpReader:
         return int(count)
 
     def read(self, queue: str, limit: int | None = None) -> Iterator[QueuedMessage]:
-        from amqp import spec
-
         waiting = self.count(queue)
         wanted = waiting if limit is None else min(limit, waiting)
-        channel = self._channel()
+        # Messages are held in runs, one channel per run, and the runs are
+        # given back last first: each run then goes in front of the ones
+        # already back, which RabbitMQ does quickly. One channel holding them
+        # all is given back in quadratic time (3.10, classic queue: 20,000
+        # persistent messages took minutes; in runs of 200, under a second).
+        run = max(_AMQP_RUN, -(-wanted // _AMQP_MAX_CHANNELS))
+        channels: list[Any] = []
         try:
             for position in range(wanted):
-                message = channel.basic_get(queue, no_ack=False)
+                if position % run == 0:
+                    channels.append(self._channel())
+                message = channels[-1].basic_get(queue, no_ack=False)
                 if message is None:  # consumed by someone else meanwhile
                     return
                 properties = message.properties
@@ -202,19 +213,25 @@ class _AmqpReader:
                     properties.get("application_headers") or {},
                 )
         finally:
-            # Give every message back, in place; a closed channel (the broker
-            # closed it after an error) has already had them requeued.
+            self._give_back(channels)
+            self._wait_requeued(queue, waiting)
+
+    @staticmethod
+    def _give_back(channels: list[Any]) -> None:
+        """Requeue every held message in place, the last run first (basic.recover, waiting for recover-ok)."""
+        from amqp import spec
+
+        for channel in reversed(channels):
+            # A channel the broker closed after an error has had its messages requeued already.
             if channel.is_open:
                 channel.send_method(spec.Basic.Recover, "b", (True,), wait=[spec.Basic.RecoverOk])
                 channel.close()
-            self._wait_requeued(queue, waiting)
 
     def _wait_requeued(self, queue: str, waiting: int) -> None:
         """Return once ``queue`` holds ``waiting`` messages again, or its count stops rising.
 
-        RabbitMQ answers recover-ok at once but puts the messages back in
-        place over a while (3.10, classic queue: 10,000 in about 3 s, 20,000
-        in about 12 s). Consumers taking them meanwhile keep the count below
+        RabbitMQ answers recover-ok before every message is back in the
+        queue. Consumers taking them meanwhile keep the count below
         ``waiting``, hence the second condition.
         """
         last, since = -1, time.monotonic()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kombu_envelope import wire
 from kombu_envelope.cache import DataKeyCache

@@ -9,20 +9,16 @@ import redis
 from kombu_envelope.cli import main
 from kombu_envelope.codec import EnvelopeCodec
 
-# Works whether tests/ is a package or a plain directory, as in conftest.py.
-try:
-    from .ops_helpers import (
-        amqp_delete,
-        amqp_drain,
-        envelope_app,
-        new_key,
-        publish_raw,
-        redis_lists,
-        send_tasks,
-        unique,
-    )
-except ImportError:
-    from ops_helpers import amqp_delete, amqp_drain, envelope_app, new_key, publish_raw, redis_lists, send_tasks, unique  # type: ignore[no-redef]
+from .ops_helpers import (
+    amqp_delete,
+    amqp_drain,
+    envelope_app,
+    new_key,
+    publish_raw,
+    redis_lists,
+    send_tasks,
+    unique,
+)
 
 TRUNCATED = b"\x01\x01\x00\x01"  # a header that promises a wrapped key and ends
 

@@ -15,20 +15,16 @@ from kombu_envelope.cli import build_parser, main
 from kombu_envelope.codec import EnvelopeCodec
 from kombu_envelope.providers import key_fingerprint
 
-# Works whether tests/ is a package or a plain directory, as in conftest.py.
-try:
-    from .ops_helpers import (
-        amqp_delete,
-        amqp_drain,
-        envelope_app,
-        new_key,
-        publish_raw,
-        redis_lists,
-        send_tasks,
-        unique,
-    )
-except ImportError:
-    from ops_helpers import amqp_delete, amqp_drain, envelope_app, new_key, publish_raw, redis_lists, send_tasks, unique  # type: ignore[no-redef]
+from .ops_helpers import (
+    amqp_delete,
+    amqp_drain,
+    envelope_app,
+    new_key,
+    publish_raw,
+    redis_lists,
+    send_tasks,
+    unique,
+)
 
 SUBCOMMANDS = ["keygen", "demo", "inspect", "decrypt", "doctor", "audit"]
 

@@ -89,7 +89,7 @@ def script_for(commands: list[tuple[str, int]]) -> str:
         parts.append(command)
         parts.append(
             f"rc=$?; if [ $rc -ne {expected} ]; then "
-            f"echo {shlex.quote('docs command failed: ' + first)} \"(exit $rc, expected {expected})\" >&2; exit 99; fi"
+            f'echo {shlex.quote("docs command failed: " + first)} "(exit $rc, expected {expected})" >&2; exit 99; fi'
         )
     return "\n".join(parts) + "\n"
 

@@ -9,11 +9,7 @@ import pytest
 
 from kombu_envelope.cli import main
 
-# Works whether tests/ is a package or a plain directory, as in conftest.py.
-try:
-    from .ops_helpers import new_key
-except ImportError:
-    from ops_helpers import new_key  # type: ignore[no-redef]
+from .ops_helpers import new_key
 
 GOOD = {
     "task_serializer": "envelope",

@@ -92,7 +92,7 @@ def test_fields_cover_the_whole_envelope(target):
 
 def test_random_bytes_of_every_length_up_to_a_header(target):
     rng = random.Random(5)
-    for size in range(0, 80):
+    for size in range(80):
         for _ in range(20):
             _decode_documented(target.codecs[1], b"\x01" + rng.randbytes(size))
     _decode_documented(target.codecs[0], os.urandom(1 << 20))

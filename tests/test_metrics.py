@@ -17,11 +17,7 @@ from kombu_envelope.codec import EnvelopeCodec
 from kombu_envelope.counters import stats
 from kombu_envelope.metrics import received_by_content_type, summary_line
 
-# Works whether tests/ is a package or a plain directory, as in conftest.py.
-try:
-    from .ops_helpers import envelope_app, new_key, send_tasks
-except ImportError:
-    from ops_helpers import envelope_app, new_key, send_tasks  # type: ignore[no-redef]
+from .ops_helpers import envelope_app, new_key, send_tasks
 
 
 def free_port() -> int:

@@ -276,7 +276,7 @@ def test_a_bad_token_and_a_missing_address_are_refused(transit, monkeypatch):
 
     monkeypatch.delenv("VAULT_ADDR")
     monkeypatch.delenv("BAO_ADDR")
-    with pytest.raises(KeyServiceError, match=r"VAULT_ADDR \(or BAO_ADDR\) is not set"):
+    with pytest.raises(ConfigurationError, match=r"VAULT_ADDR \(or BAO_ADDR\) is not set"):
         provider(f"vault://transit/keys/{name}").generate_data_key({})
 
 

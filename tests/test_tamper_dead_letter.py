@@ -74,7 +74,6 @@ def test_each_damaged_field_and_plaintext_is_dead_lettered_and_the_rest_runs(mak
     app = module.app
     codec, _ = codec_for_app(app)
     add = f"{module.__name__}.add"
-    echo = f"{module.__name__}.echo"
 
     sample = codec.encode(task_message(app, add, (1, 2))[3])
     fields = envelope_fields(sample)

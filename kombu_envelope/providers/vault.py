@@ -36,7 +36,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from ..crypto import load_rsa_public_key, rsa_oaep_wrap
-from ..errors import KeyServiceError
+from ..errors import ConfigurationError, KeyServiceError
 from ..wire import canonical_context
 from . import Context, KeyProvider
 from .remote import (
@@ -160,7 +160,11 @@ class VaultTransitProvider(KeyProvider):
     def _create_client(self) -> Any:
         address = _env("ADDR")
         if not address:
-            raise KeyServiceError(self.uri, "VAULT_ADDR (or BAO_ADDR) is not set in the environment", transient=False)
+            # A configuration error, not a refusal: the worker keeps messages until it is fixed.
+            raise ConfigurationError(
+                f"{self.uri}: VAULT_ADDR (or BAO_ADDR) is not set in the environment; "
+                "set it to the server's address, e.g. VAULT_ADDR=https://vault.example.com:8200"
+            )
         options: dict[str, Any] = {}
         cacert = _env("CACERT")
         if cacert and not os.environ.get("VAULT_CAPATH"):
