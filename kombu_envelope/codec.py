@@ -172,6 +172,9 @@ class EnvelopeCodec:
     def _verified_cipher(self, header: bytes, parsed: wire.Header) -> tuple[AESGCM, float]:
         """The cipher of a header seen for the first time (context checked, key unwrapped) and its expiry."""
         self._check_context(parsed)
+        # Before the shared cache: a data key another codec (or a key since removed from
+        # envelope_decrypt_key_uris) unwrapped must not open messages this codec may not read.
+        self._providers_for(parsed)
         data_key = self._cache.unwrapped_key(header, self._limits, lambda: self._unwrap(parsed))
         entry = (AESGCM(data_key), _monotonic() + self._limits.decrypt_ttl)
         # Misses are rare; the lock keeps concurrent evictions (Celery's thread pool,

@@ -11,11 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-# Works whether tests/ is a package (tests/__init__.py) or a plain rootdir-relative directory.
-try:
-    from . import servers
-except ImportError:
-    import servers  # type: ignore[no-redef]
+from . import servers
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,7 @@ from celery.result import ResultSet
 
 from kombu_envelope import serializer
 
-try:
-    from . import servers
-except ImportError:  # tests/ as a plain directory
-    import servers  # type: ignore[no-redef]
+from . import servers
 
 TASKS = 2000
 

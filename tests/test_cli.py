@@ -44,7 +44,9 @@ def test_the_parser_knows_exactly_the_documented_subcommands():
 
 
 def test_python_dash_m_runs_the_same_command():
-    result = subprocess.run([sys.executable, "-m", "kombu_envelope", "inspect", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "kombu_envelope", "inspect", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "authenticated header" in result.stdout
 
 
@@ -133,7 +135,10 @@ def test_inspect_and_decrypt_read_a_redis_queue_without_consuming(tmp_path, redi
     env = dict(os.environ, KOMBU_ENVELOPE_KEY_URI=new_key(tmp_path, "other.key"))
     result = subprocess.run(
         [sys.executable, "-m", "kombu_envelope", "decrypt", "--broker", redis_db_url, "--queue", queue],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and result.stdout == ""
     assert f"message wrapped under local key {key_fingerprint(key_uri).hex()}" in result.stderr

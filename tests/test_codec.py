@@ -180,6 +180,14 @@ def test_message_under_an_unconfigured_key_names_the_setting_to_fix(key_uri, oth
         consumer.decode(producer.encode("x"))
 
 
+def test_a_cached_data_key_does_not_open_messages_under_keys_this_codec_is_not_given(key_uri, other_key_uri):
+    shared = DataKeyCache()
+    body = EnvelopeCodec([key_uri], cache=shared).encode("secret")
+    EnvelopeCodec([key_uri], cache=shared).decode(body)  # its data key is now in the shared cache
+    with pytest.raises(UnknownKey):
+        EnvelopeCodec([other_key_uri], cache=shared).decode(body)
+
+
 def test_rotation_old_messages_decrypt_with_the_old_key_listed_for_decryption(key_uri, other_key_uri):
     old = EnvelopeCodec([key_uri], cache=DataKeyCache()).encode("queued before rotation")
     rotated = EnvelopeCodec([other_key_uri], decrypt_key_uris=[key_uri], cache=DataKeyCache())

@@ -117,12 +117,15 @@ def test_a_good_config_passes_with_a_real_key_round_trip(app_module, capsys, tmp
     assert "is a local key file" in problems[0]["message"]
     (round_trip,) = [f["message"] for f in findings if f["check"] == "key_uri" and f["severity"] == "ok"]
     assert round_trip.startswith(f"{key_uri} (envelope_key_uri): generate ") and " ms, unwrap " in round_trip
-    assert main(["doctor", "-A", app_module({**GOOD, "envelope_key_uri": key_uri}), "--strict"]) == 1  # warnings fail under --strict
+    strict = main(["doctor", "-A", app_module({**GOOD, "envelope_key_uri": key_uri}), "--strict"])
+    assert strict == 1  # warnings fail under --strict
 
 
 def test_migration_mode_is_a_warning_and_redaction_is_proved_on_a_built_message(app_module, capsys, tmp_path):
     key_uri = new_key(tmp_path)
-    code, _, findings = doctor(capsys, app_module({**GOOD, "envelope_key_uri": key_uri, "accept_content": ["envelope", "json"]}))
+    code, _, findings = doctor(
+        capsys, app_module({**GOOD, "envelope_key_uri": key_uri, "accept_content": ["envelope", "json"]})
+    )
     assert code == 0
     (migration,) = [f for f in findings if f["check"] == "accept_content"]
     assert migration["severity"] == "warning" and "migration mode" in migration["message"]
@@ -135,10 +138,18 @@ def test_migration_mode_is_a_warning_and_redaction_is_proved_on_a_built_message(
 
 
 def test_a_retired_decrypt_key_that_fails_is_a_warning_not_an_error(app_module, capsys, tmp_path):
-    conf = {**GOOD, "envelope_key_uri": new_key(tmp_path), "envelope_decrypt_key_uris": ["local:///nonexistent/old.key"]}
+    conf = {
+        **GOOD,
+        "envelope_key_uri": new_key(tmp_path),
+        "envelope_decrypt_key_uris": ["local:///nonexistent/old.key"],
+    }
     code, _, findings = doctor(capsys, app_module(conf))
     assert code == 0
-    assert any(f["severity"] == "warning" and f["message"].startswith("local:///nonexistent/old.key (envelope_decrypt_key_uris)") for f in findings)
+    assert any(
+        f["severity"] == "warning"
+        and f["message"].startswith("local:///nonexistent/old.key (envelope_decrypt_key_uris)")
+        for f in findings
+    )
 
 
 def test_doctor_needs_an_app_and_says_when_it_cannot_load_it(capsys):

@@ -56,6 +56,25 @@ def test_payload_round_trips_edge_values_exactly_like_kombu_json(value):
     assert same(payload.loads(payload.dumps(value)), kombu_roundtrip(value))
 
 
+class Money:
+    """A type an application registers with Kombu: it must round-trip through envelope as through Kombu json."""
+
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and other.cents == self.cents
+
+
+kombu_json.register_type(Money, "kombu_envelope_test_money", lambda m: m.cents, Money)
+
+
+def test_a_type_registered_with_kombu_round_trips_through_the_marker_path():
+    value = {"total": Money(1999), "lines": [Money(1), {"__type__": "text", "note": 1}]}
+    assert b'"__type__"' in payload.dumps(value)
+    assert payload.loads(payload.dumps(value)) == kombu_roundtrip(value) == value
+
+
 def test_payload_is_compact_json_that_kombu_json_reads_identically():
     value = [{"a": [1, 2.5, None, True]}, "x"]
     assert payload.dumps(value) == b'[{"a":[1,2.5,null,true]},"x"]'

@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-try:
-    from . import servers
-except ImportError:
-    import servers  # type: ignore[no-redef]
+from . import servers
 
 
 def test_free_port_is_bindable_and_wait_for_port_times_out_on_it():

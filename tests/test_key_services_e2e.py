@@ -23,10 +23,7 @@ from kombu_envelope.codec import EnvelopeCodec
 from kombu_envelope.providers import aws_kms, vault
 from kombu_envelope.providers.retry import RetryPolicy
 
-try:
-    from . import servers
-except ImportError:
-    import servers  # type: ignore[no-redef]
+from . import servers
 
 CANARY = "canary-" + uuid.uuid4().hex[:12]
 CONTEXT = {"app": "orders", "env": "e2e"}

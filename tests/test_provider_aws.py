@@ -36,10 +36,7 @@ from kombu_envelope.errors import ConfigurationError, InvalidEnvelope, KeyServic
 from kombu_envelope.providers import aws_kms, key_fingerprint, provider_for_uri
 from kombu_envelope.providers.retry import RetryPolicy
 
-try:
-    from . import servers
-except ImportError:
-    import servers  # type: ignore[no-redef]
+from . import servers
 
 CONTEXT = {"app": "orders", "env": "test"}
 VALUE = {"card": "4111-1111-1111-1111", "amounts": [1, 2, 3]}

@@ -17,14 +17,9 @@ from kombu_envelope.consumer import REASON_HEADER, REFUSED_BY_HEADER, SOURCE_HEA
 from kombu_envelope.providers.local import write_key_file
 from kombu_envelope.serializer import CONTENT_TYPE, codec_for_app
 
-try:
-    from . import servers
-    from .fuzzing import envelope_fields
-    from .task_messages import publish, read_queue, task_message
-except ImportError:
-    import servers  # type: ignore[no-redef]
-    from fuzzing import envelope_fields  # type: ignore[no-redef]
-    from task_messages import publish, read_queue, task_message  # type: ignore[no-redef]
+from . import servers
+from .fuzzing import envelope_fields
+from .task_messages import publish, read_queue, task_message
 
 CANARY = "canary-" + uuid.uuid4().hex[:12]
 
