@@ -243,12 +243,16 @@ class Report:
         a = self.args
         return "\n".join(
             [
-                f"Measured by `python benchmarks/end_to_end.py --tasks {a.tasks} --rounds {a.rounds} --size {a.size} "
-                f"--concurrency {a.concurrency}{'' if a.redact else ' --no-redact'}` on {self.environment()}.",
+                (
+                    f"Measured by `python benchmarks/end_to_end.py --tasks {a.tasks} --rounds {a.rounds} --size {a.size} "
+                    f"--concurrency {a.concurrency}{'' if a.redact else ' --no-redact'}` on {self.environment()}."
+                ),
                 "",
-                f"Each round: {a.tasks} `echo` tasks with a {a.size}-byte body published to Redis, run by a "
-                f"`--pool=prefork -c {a.concurrency}` worker, results stored in Redis (same serializer); "
-                "medians over rounds, ratios paired. "
+                (
+                    f"Each round: {a.tasks} `echo` tasks with a {a.size}-byte body published to Redis, run by a "
+                    f"`--pool=prefork -c {a.concurrency}` worker, results stored in Redis (same serializer); "
+                    "medians over rounds, ratios paired. "
+                )
                 + (
                     "envelope_redact_headers on (the default): envelope skips Celery's saferepr of arguments and results."
                     if a.redact

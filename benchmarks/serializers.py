@@ -171,6 +171,7 @@ def envelope_systems(keys: Path, through_kombu: Callable[..., System]) -> list[S
 
     from kombu_envelope import serializer
     from kombu_envelope.codec import EnvelopeCodec
+    from kombu_envelope.errors import ConfigurationError
     from kombu_envelope.providers.local import write_key_file
 
     key = keys / "envelope.key"
@@ -183,7 +184,7 @@ def envelope_systems(keys: Path, through_kombu: Callable[..., System]) -> list[S
     for compression in ("zlib", "zstd"):
         try:
             codec = EnvelopeCodec([f"local://{key}"], compression=compression)
-        except Exception:  # zstandard missing: ConfigurationError names the extra
+        except ConfigurationError:  # zstandard is not installed
             continue
         name, content_type = f"envelope_{compression}", f"application/x-bench-envelope-{compression}"
         registry.register(name, codec.encode, codec.decode, content_type, "binary")
@@ -198,7 +199,8 @@ def floor_system(keys: Path, through_kombu: Callable[..., System]) -> System:
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from kombu.serialization import registry
-    from kombu.utils.json import dumps as json_dumps, loads as json_loads
+    from kombu.utils.json import dumps as json_dumps
+    from kombu.utils.json import loads as json_loads
 
     cipher = AESGCM(os.urandom(32))
     header = os.urandom(71)  # envelope's header with one local wrapped key: 4 + 7 + 60 bytes
@@ -278,7 +280,8 @@ def esdk_systems(keys: Path, through_kombu: Callable[..., System], quick: bool) 
     from aws_encryption_sdk.internal.crypto.wrapping_keys import WrappingKey
     from aws_encryption_sdk.key_providers.raw import RawMasterKeyProvider
     from kombu.serialization import registry
-    from kombu.utils.json import dumps as json_dumps, loads as json_loads
+    from kombu.utils.json import dumps as json_dumps
+    from kombu.utils.json import loads as json_loads
 
     wrapping_key = WrappingKey(
         wrapping_algorithm=WrappingAlgorithm.AES_256_GCM_IV12_TAG16_NO_PADDING,
@@ -530,8 +533,10 @@ class Report:
         typed_sizes = tuple(z for z in sizes if z >= 1024)
         out = [
             f"Measured by `python benchmarks/serializers.py` on {self.environment()}.",
-            f"Rounds: {self.args.rounds}, batches of about {self.args.batch_ms} ms; median of every call timed on its own; "
-            "garbage collector paused in batches.",
+            (
+                f"Rounds: {self.args.rounds}, batches of about {self.args.batch_ms} ms; median of every call timed on its own; "
+                "garbage collector paused in batches."
+            ),
             "",
             "### Median µs per message, encode / decode (through Kombu's serializer registry)",
             "",

@@ -119,6 +119,8 @@ def header_size(data: bytes) -> int:
             raise InvalidEnvelope(_version_reason(data[0]))
         flags = data[2]
         count = data[3]
+        if count > MAX_WRAPPED_KEYS:  # bound the walk: a forged count must not make a 16 MB "header"
+            raise InvalidEnvelope(f"wrapped key count {count} is outside 1..{MAX_WRAPPED_KEYS}")
         pos = 4
         if flags & FLAG_CONTEXT:
             pos += 2 + ((data[4] << 8) | data[5])
