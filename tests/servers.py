@@ -726,6 +726,25 @@ def sleep(seconds):
 '''
 
 
+def envelope_config(
+    broker_url: str, key_uri: str | list[str], queue: str, *, result_backend: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Celery settings for an app that sends tasks and results as envelopes under ``key_uri``,
+    for write_app_module(). ``result_backend`` defaults to ``broker_url``; ``extra`` settings
+    are added last, so they may also replace a default (``result_serializer="json"``).
+    """
+    return {
+        "broker_url": broker_url,
+        "result_backend": result_backend or broker_url,
+        "task_serializer": "envelope",
+        "result_serializer": "envelope",
+        "accept_content": ["envelope"],
+        "task_default_queue": queue,
+        "envelope_key_uri": key_uri,
+        **extra,
+    }
+
+
 def write_app_module(tmpdir: str | os.PathLike[str], name: str, config: Mapping[str, Any]) -> Path:
     """Write ``tmpdir/<name>.py``: ``app = Celery(name)``, ``app.conf.update(config)`` and the tasks
     echo(*args, **kwargs) -> [args, kwargs], add(x, y), secret_result(s) -> s, sleep(seconds).

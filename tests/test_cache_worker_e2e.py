@@ -52,17 +52,7 @@ def test_the_worker_host_unwraps_once_and_makes_one_result_key(tmp_path, bao_ser
     tokens = {who: token(bao_server, who) for who in ("producer", "worker", "inspector")}
     name = "cache_e2e_" + uuid.uuid4().hex[:8]
     servers.write_app_module(
-        tmp_path,
-        name,
-        {
-            "broker_url": redis_db_url,
-            "result_backend": redis_db_url,
-            "task_serializer": "envelope",
-            "result_serializer": "envelope",
-            "accept_content": ["envelope"],
-            "task_default_queue": "q-" + name,
-            "envelope_key_uri": f"vault://transit/keys/{key}",
-        },
+        tmp_path, name, servers.envelope_config(redis_db_url, f"vault://transit/keys/{key}", "q-" + name)
     )
     monkeypatch.setenv("VAULT_ADDR", bao_server.addr)
     monkeypatch.setenv("VAULT_TOKEN", tokens["producer"])

@@ -57,21 +57,19 @@ def outage_app(tmp_path, broker_url, redis_db_url, private_bao_server, monkeypat
     servers.write_app_module(
         tmp_path,
         name,
-        {
-            "broker_url": broker_url,
-            "result_backend": redis_db_url,
-            "task_serializer": "envelope",
-            "accept_content": ["envelope"],
+        servers.envelope_config(
+            broker_url,
+            f"vault://transit/keys/{key_name}",
+            queue,
+            result_backend=redis_db_url,
             # Results in json: a worker that never had a data key cannot encrypt anything while the
             # key service is down, and these results are plain numbers.
-            "result_serializer": "json",
-            "result_accept_content": ["json"],
-            "task_default_queue": queue,
-            "envelope_key_uri": f"vault://transit/keys/{key_name}",
-            "envelope_decrypt_key_uris": [f"local://{local_key}"],
-            "envelope_dead_letter_queue": dead_letters,
-            "worker_consumer": "kombu_envelope.consumer:EnvelopeConsumer",
-        },
+            result_serializer="json",
+            result_accept_content=["json"],
+            envelope_decrypt_key_uris=[f"local://{local_key}"],
+            envelope_dead_letter_queue=dead_letters,
+            worker_consumer="kombu_envelope.consumer:EnvelopeConsumer",
+        ),
     )
     module = servers.import_app_module(tmp_path, name)
     yield module, tmp_path, queue, dead_letters, f"local://{local_key}", bao
@@ -136,18 +134,15 @@ def test_decode_failure_in_a_pool_child_sends_the_task_back(tmp_path, redis_db_u
     servers.write_app_module(
         tmp_path,
         name,
-        {
-            "broker_url": redis_db_url,
-            "result_backend": redis_db_url,
-            "task_serializer": "envelope",
-            "accept_content": ["envelope"],
-            "result_serializer": "json",
-            "result_accept_content": ["json"],
-            "task_default_queue": servers.unique_name("q"),
-            "envelope_key_uri": f"vault://transit/keys/{key_name}",
-            "envelope_decrypt_cache_ttl": 0,
-            "worker_consumer": "kombu_envelope.consumer:EnvelopeConsumer",
-        },
+        servers.envelope_config(
+            redis_db_url,
+            f"vault://transit/keys/{key_name}",
+            servers.unique_name("q"),
+            result_serializer="json",
+            result_accept_content=["json"],
+            envelope_decrypt_cache_ttl=0,
+            worker_consumer="kombu_envelope.consumer:EnvelopeConsumer",
+        ),
     )
     module = servers.import_app_module(tmp_path, name)
     busy = module.sleep.delay(5)  # keeps the only pool process busy while the key service goes down

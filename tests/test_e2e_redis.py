@@ -18,7 +18,7 @@ from kombu import Connection, Producer
 
 from kombu_envelope.providers.local import write_key_file
 
-from .servers import CeleryWorker, import_app_module, scan_redis_for, write_app_module
+from .servers import CeleryWorker, envelope_config, import_app_module, scan_redis_for, write_app_module
 
 CANARY = "canary-" + uuid.uuid4().hex[:12]
 
@@ -33,17 +33,9 @@ def envelope_app(tmp_path, redis_db_url):
     write_app_module(
         tmp_path,
         name,
-        {
-            "broker_url": redis_db_url,
-            "result_backend": redis_db_url,
-            "task_serializer": "envelope",
-            "result_serializer": "envelope",
-            "accept_content": ["envelope"],
-            "task_default_queue": queue,
-            "envelope_key_uri": f"local://{key}",
-            "worker_send_task_events": True,
-            "task_send_sent_event": True,
-        },
+        envelope_config(
+            redis_db_url, f"local://{key}", queue, worker_send_task_events=True, task_send_sent_event=True
+        ),
     )
     return import_app_module(tmp_path, name), tmp_path, queue
 

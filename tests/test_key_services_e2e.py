@@ -37,17 +37,8 @@ def forget_codecs():
     serializer.reset()
 
 
-def app_config(redis_db_url: str, queue: str, **envelope: object) -> dict[str, object]:
-    return {
-        "broker_url": redis_db_url,
-        "result_backend": redis_db_url,
-        "task_serializer": "envelope",
-        "result_serializer": "envelope",
-        "accept_content": ["envelope"],
-        "task_default_queue": queue,
-        "worker_prefetch_multiplier": 1,
-        **envelope,
-    }
+def app_config(redis_db_url: str, key_uri: str, queue: str, **extra: object) -> dict[str, object]:
+    return servers.envelope_config(redis_db_url, key_uri, queue, worker_prefetch_multiplier=1, **extra)
 
 
 def write_app(app_dir, config: dict[str, object], name: str | None = None):
@@ -88,7 +79,7 @@ def test_aws_kms_by_configuration_alone(moto_server, redis_db_url, tmp_path, mon
     queue = servers.unique_name("q-aws")
     module = write_app(
         tmp_path,
-        app_config(redis_db_url, queue, envelope_key_uri=f"aws-kms://{alias}", envelope_encryption_context=CONTEXT),
+        app_config(redis_db_url, f"aws-kms://{alias}", queue, envelope_encryption_context=CONTEXT),
     )
 
     before = moto_server.kms_request_counts()
@@ -111,8 +102,8 @@ def test_vault_transit_by_configuration_alone(
         tmp_path,
         app_config(
             redis_db_url,
+            f"vault://transit/keys/{name}{producer_query}",
             queue,
-            envelope_key_uri=f"vault://transit/keys/{name}{producer_query}",
             envelope_encryption_context=CONTEXT,
         ),
     )
@@ -134,10 +125,10 @@ def test_rotation_on_openbao(bao_server, redis_db_url, tmp_path, monkeypatch):
     dead_letters = servers.unique_name("dlq-rot")
     # One app (same module and task names), three deployments of its configuration.
     name = "orders_" + uuid.uuid4().hex[:8]
-    under_a = write_app(tmp_path / "under_a", app_config(redis_db_url, queue, envelope_key_uri=uri_a), name)
+    under_a = write_app(tmp_path / "under_a", app_config(redis_db_url, uri_a, queue), name)
     after_rotation = write_app(
         tmp_path / "after_rotation",
-        app_config(redis_db_url, queue, envelope_key_uri=uri_b, envelope_decrypt_key_uris=[uri_a]),
+        app_config(redis_db_url, uri_b, queue, envelope_decrypt_key_uris=[uri_a]),
         name,
     )
     (tmp_path / "b_only").mkdir()
@@ -146,8 +137,8 @@ def test_rotation_on_openbao(bao_server, redis_db_url, tmp_path, monkeypatch):
         name,
         app_config(
             redis_db_url,
+            uri_b,
             queue,
-            envelope_key_uri=uri_b,
             worker_consumer="kombu_envelope.consumer:EnvelopeConsumer",
             envelope_dead_letter_queue=dead_letters,
         ),

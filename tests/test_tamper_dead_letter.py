@@ -45,18 +45,14 @@ def make_app(tmp_path, redis_db_url):
     def make(dead_letters):
         name = "tamper_" + uuid.uuid4().hex[:8]
         queue = servers.unique_name("q")
-        config = {
-            "broker_url": redis_db_url,
-            "result_backend": redis_db_url,
-            "task_serializer": "envelope",
-            "result_serializer": "envelope",
-            "accept_content": ["envelope"],
-            "task_default_queue": queue,
-            "envelope_key_uri": f"local://{key}",
-            "envelope_encryption_context": {"app": "tamper-test"},
-            "envelope_dead_letter_queue": dead_letters,
-            "worker_consumer": "kombu_envelope.consumer:EnvelopeConsumer",
-        }
+        config = servers.envelope_config(
+            redis_db_url,
+            f"local://{key}",
+            queue,
+            envelope_encryption_context={"app": "tamper-test"},
+            envelope_dead_letter_queue=dead_letters,
+            worker_consumer="kombu_envelope.consumer:EnvelopeConsumer",
+        )
         servers.write_app_module(tmp_path, name, config)
         return servers.import_app_module(tmp_path, name), tmp_path, queue
 
