@@ -102,14 +102,17 @@ class EnvelopeCodec:
         cipher, header, nonce = self._cache.next_nonce(self._scope, len(plaintext), self._limits, self._new_data_key)
         return b"".join((header, nonce, cipher.encrypt(nonce, plaintext, header)))
 
-    def _new_data_key(self) -> tuple[bytes, bytes]:
-        """A fresh data key wrapped under every ``key_uris`` entry, and the header that carries it."""
+    def _require_key_uris(self) -> None:
         if not self._encrypt_providers:
             raise ConfigurationError(
                 "envelope_key_uri is not set, so nothing can be encrypted; set it in the Celery config "
                 "(envelope_key_uri='aws-kms://alias/orders') or the environment "
                 "(KOMBU_ENVELOPE_KEY_URI=local:///path/made/by/kombu-envelope-keygen)"
             )
+
+    def _new_data_key(self) -> tuple[bytes, bytes]:
+        """A fresh data key wrapped under every ``key_uris`` entry, and the header that carries it."""
+        self._require_key_uris()
         first, *others = self._encrypt_providers
         data_key, wrapped = first.generate_data_key(self._context or {})
         keys = [wire.WrappedKey(first.provider_id, first.fingerprint, wrapped)]
@@ -118,8 +121,7 @@ class EnvelopeCodec:
         return data_key, wire.build_header(wire.ALG_AES256_GCM, keys, self._context, self._compression)
 
     def _encode_direct(self, plaintext: bytes) -> bytes:
-        if not self._encrypt_providers:
-            self._new_data_key()  # raises the missing-setting error
+        self._require_key_uris()
         provider = self._encrypt_providers[0]
         limit = provider.max_direct_plaintext
         if limit is not None and len(plaintext) > limit:
