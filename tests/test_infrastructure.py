@@ -9,6 +9,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import celery
 import pytest
 import redis
 
@@ -179,3 +180,13 @@ def test_scan_redis_for_finds_a_json_task_published_by_celery(tmp_path, redis_db
     canary = "canary-" + os.urandom(6).hex()
     app.echo.apply_async((canary,), argsrepr="()", kwargsrepr="{}")  # only the base64 body holds it
     assert servers.scan_redis_for(redis_db_url, canary.encode()) == ["celery"]
+
+
+def test_waiting_for_results_cannot_deadlock_in_this_environment():
+    """Before Celery 5.7, redis-py 5.3+ lets the garbage collector hang AsyncResult.get() (celery/celery#10477).
+
+    Tests wait for results in-process, so tox.ini pins redis-py for the older Celery releases.
+    """
+    celery_release = tuple(int(part) for part in celery.__version__.split(".")[:2])
+    redis_release = tuple(int(part) for part in redis.__version__.split(".")[:2])
+    assert celery_release >= (5, 7) or redis_release < (5, 3), (celery.__version__, redis.__version__)
